@@ -1,0 +1,52 @@
+"""byzerllm-spark: Byzer-LLM for PySpark.
+
+Deploy LLMs into Ray Serve from the Spark driver, call them from Spark SQL and the DataFrame API,
+finetune them on Spark tables and keep checkpoints as Delta model tables.
+
+Importing this package is light: Ray, Spark, torch and the engines load when first used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# name -> module that defines it; resolved on first attribute access (PEP 562).
+_EXPORTS = {
+    "chat": "client",
+    "chat_batch": "client",
+    "deploy": "serving.api",
+    "deploy_config": "serving.api",
+    "embed": "client",
+    "endpoint": "cluster",
+    "exists": "serving.api",
+    "init": "cluster",
+    "list_models": "serving.api",
+    "load_model_table": "model_table",
+    "model_table_history": "model_table",
+    "read_model_table": "model_table",
+    "register_functions": "spark",
+    "register_model_function": "spark",
+    "save_model_table": "model_table",
+    "shutdown": "cluster",
+    "stat": "serving.api",
+    "undeploy": "serving.api",
+    "workers": "serving.api",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'byzerllm_spark' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -1,0 +1,74 @@
+"""The Arrow wire format of ``POST {endpoint}/{model}/arrow``.
+
+Request: an Arrow IPC stream; one row per request; column ``params`` (string, the request as JSON,
+null allowed). Response: an Arrow IPC stream with the same number of rows in the same order:
+``response`` (string), ``error`` (string), ``metadata`` (map<string, string>). A null ``params``
+gives a row with all three null. Spark, ``bls.chat`` and the JVM bridge all speak this.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import pyarrow as pa
+
+CONTENT_TYPE = "application/vnd.apache.arrow.stream"
+REQUEST_SCHEMA = pa.schema([("params", pa.string())])
+METADATA_TYPE = pa.map_(pa.string(), pa.string())
+RESPONSE_SCHEMA = pa.schema(
+    [("response", pa.string()), ("error", pa.string()), ("metadata", METADATA_TYPE)]
+)
+EMBEDDING_SCHEMA = pa.schema([("embedding", pa.list_(pa.float32())), ("error", pa.string())])
+
+
+def _write(table_or_batch) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table_or_batch.schema) as writer:
+        writer.write(table_or_batch)
+    return sink.getvalue().to_pybytes()
+
+
+def encode_params(params_json: Sequence[str | None] | pa.Array) -> bytes:
+    """Encode request JSON strings (None for a null row) as an Arrow IPC stream."""
+    array = params_json if isinstance(params_json, (pa.Array, pa.ChunkedArray)) else pa.array(params_json, pa.string())
+    return _write(pa.table([array], schema=REQUEST_SCHEMA))
+
+
+def decode_params(body: bytes) -> pa.Array:
+    """Decode a request body into its ``params`` column.
+
+    Raises:
+        ValueError: the body is not an Arrow IPC stream or has no ``params`` string column.
+    """
+    try:
+        table = pa.ipc.open_stream(body).read_all()
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise ValueError(f"the body is not an Arrow IPC stream ({exc}); send one with a 'params' column") from None
+    if "params" not in table.column_names:
+        raise ValueError(f"the Arrow body has columns {table.column_names}; it needs a 'params' string column")
+    column = table.column("params")
+    if not pa.types.is_string(column.type) and not pa.types.is_large_string(column.type):
+        raise ValueError(f"column 'params' has type {column.type}; send the request JSON as strings")
+    return column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+
+
+def encode_results(responses: Sequence, errors: Sequence, metadata: Iterable) -> bytes:
+    """Encode answers; ``metadata`` is a sequence of dicts (or None)."""
+    meta = [None if m is None else list(m.items()) for m in metadata]
+    batch = pa.record_batch(
+        [pa.array(responses, pa.string()), pa.array(errors, pa.string()), pa.array(meta, METADATA_TYPE)],
+        schema=RESPONSE_SCHEMA,
+    )
+    return _write(batch)
+
+
+def decode_results(body: bytes) -> pa.Table:
+    """Decode a response body into a table with ``response``, ``error`` and ``metadata`` columns."""
+    return pa.ipc.open_stream(body).read_all()
+
+
+def encode_embeddings(vectors: Sequence, errors: Sequence) -> bytes:
+    batch = pa.record_batch(
+        [pa.array(vectors, pa.list_(pa.float32())), pa.array(errors, pa.string())], schema=EMBEDDING_SCHEMA
+    )
+    return _write(batch)

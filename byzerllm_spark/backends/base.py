@@ -1,0 +1,58 @@
+"""The backend interface: batch-first and async inside, whatever engine sits behind it."""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, AsyncIterator
+
+if TYPE_CHECKING:
+    from ..config import DeployConfig
+    from ..request import ChatRequest
+
+
+@dataclass
+class ChatResult:
+    """The answer to one request: text, or an error message; metadata as strings."""
+
+    response: str | None = None
+    error: str | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+class Backend(abc.ABC):
+    """One loaded model inside one worker (Serve replica).
+
+    Subclasses load their engine in ``__init__`` (heavy imports go there, never at module level)
+    and answer whole batches in :meth:`chat_batch`. A row that fails gets its own error; the
+    batch goes on.
+    """
+
+    #: Name shown in errors and ``workers()``.
+    name: str = "backend"
+    #: How many requests of one batch the engine can take at once (1: one at a time).
+    supports_embedding: bool = False
+
+    def __init__(self, config: "DeployConfig", model_dir: str | None) -> None:
+        self.config = config
+        self.model_dir = model_dir
+
+    @abc.abstractmethod
+    async def chat_batch(self, requests: "list[ChatRequest]") -> list[ChatResult]:
+        """Answer every request, in order; a failed row gets ``ChatResult(error=...)``."""
+
+    async def stream_chat(self, request: "ChatRequest") -> AsyncIterator[str]:
+        """Yield pieces of one answer. Default: the whole answer as one piece."""
+        (result,) = await self.chat_batch([request])
+        if result.error:
+            raise RuntimeError(result.error)
+        yield result.response or ""
+
+    async def embed_batch(self, texts: list[str]) -> list[list[float]]:
+        raise NotImplementedError(f"backend {self.name!r} does not compute embeddings")
+
+    def info(self) -> dict[str, Any]:
+        return {"backend": self.name, "model_dir": self.model_dir}
+
+    def close(self) -> None:
+        """Release the engine (called when the worker stops)."""

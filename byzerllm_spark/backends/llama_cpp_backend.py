@@ -1,0 +1,140 @@
+"""llama.cpp through llama-cpp-python: GGUF models on CPU (or GPU layers with ``n_gpu_layers``).
+
+Plain ``infer_params`` keys are llama.cpp's own ``Llama(...)`` arguments (seed 002: ``n_gpu_layers``,
+``verbose``, ``n_ctx``...); ``backend.*`` keys are accepted too. Unknown keys are refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import threading
+from typing import Any, AsyncIterator
+
+from ..errors import ConfigError
+from ._model_files import find_gguf
+from .base import Backend, ChatResult
+
+_RESERVED = {"echo_prefix"}
+
+
+def _import_llama():
+    try:
+        from llama_cpp import Llama
+    except ImportError as exc:
+        raise ImportError(
+            "infer_backend='llama_cpp' needs llama-cpp-python: pip install 'byzerllm-spark[llama-cpp]' "
+            f"(scripts/setup.sh builds it once) ({exc})"
+        ) from None
+    return Llama
+
+
+class LlamaCppBackend(Backend):
+    name = "llama_cpp"
+
+    def __init__(self, config, model_dir) -> None:
+        super().__init__(config, model_dir)
+        Llama = _import_llama()
+        gguf = find_gguf(model_dir or "")
+        if gguf is None:
+            raise ConfigError(
+                f"model_path={model_dir!r} is not valid for infer_backend='llama_cpp': it needs a .gguf file "
+                "or a directory holding one (use infer_backend='transformers' for Hugging Face directories)"
+            )
+        accepted = set(inspect.signature(Llama.__init__).parameters) - {"self", "model_path", "kwargs"}
+        params: dict[str, Any] = {
+            "n_ctx": 2048,
+            "n_threads": max(1, int(round(config.cpus_per_worker))),
+            "n_gpu_layers": -1 if config.gpus_per_worker > 0 else 0,
+            "verbose": False,
+        }
+        given = {**config.infer_params.plain, **config.infer_params.backend}
+        for key, value in given.items():
+            if key in _RESERVED:
+                continue
+            if key not in accepted:
+                raise ConfigError(
+                    f"infer_params key {key!r} is not a llama.cpp parameter; accepted: {', '.join(sorted(accepted))}"
+                )
+            params[key] = value
+        self.params = params
+        self.gguf = gguf
+        self.llm = Llama(model_path=gguf, **params)
+        self._lock = threading.Lock()
+        completion = inspect.signature(self.llm.create_chat_completion).parameters
+        self._gen_keys = set(completion) - {"messages", "stream", "self"}
+
+    def _gen_kwargs(self, req) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {
+            "max_tokens": req.max_length,
+            "temperature": req.temperature,
+            "top_p": req.top_p,
+        }
+        if req.top_k is not None:
+            kwargs["top_k"] = req.top_k
+        for key, value in req.generation.items():
+            if key in self._gen_keys:
+                kwargs[key] = value
+        return kwargs
+
+    def _answer(self, req) -> ChatResult:
+        out = self.llm.create_chat_completion(messages=req.messages(), **self._gen_kwargs(req))
+        usage = out.get("usage") or {}
+        choice = out["choices"][0]
+        return ChatResult(
+            response=choice["message"]["content"] or "",
+            metadata={
+                "prompt_tokens": str(usage.get("prompt_tokens", 0)),
+                "completion_tokens": str(usage.get("completion_tokens", 0)),
+                "finish_reason": str(choice.get("finish_reason")),
+            },
+        )
+
+    def _run(self, requests) -> list[ChatResult]:
+        out = []
+        with self._lock:  # one llama context: one generation at a time
+            for req in requests:
+                try:
+                    out.append(self._answer(req))
+                except Exception as exc:
+                    out.append(ChatResult(error=f"{type(exc).__name__}: {exc}"))
+        return out
+
+    async def chat_batch(self, requests) -> list[ChatResult]:
+        return await asyncio.to_thread(self._run, requests)
+
+    async def stream_chat(self, request) -> AsyncIterator[str]:
+        queue: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        done = object()
+
+        def produce() -> None:
+            try:
+                with self._lock:
+                    for chunk in self.llm.create_chat_completion(
+                        messages=request.messages(), stream=True, **self._gen_kwargs(request)
+                    ):
+                        piece = chunk["choices"][0].get("delta", {}).get("content")
+                        if piece:
+                            loop.call_soon_threadsafe(queue.put_nowait, piece)
+            except Exception as exc:
+                loop.call_soon_threadsafe(queue.put_nowait, exc)
+            loop.call_soon_threadsafe(queue.put_nowait, done)
+
+        task = loop.run_in_executor(None, produce)
+        while True:
+            item = await queue.get()
+            if item is done:
+                break
+            if isinstance(item, Exception):
+                raise item
+            yield item
+        await task
+
+    def info(self) -> dict[str, Any]:
+        return {"backend": self.name, "model_file": self.gguf, "params": {k: v for k, v in self.params.items()}}
+
+    def close(self) -> None:
+        llm = getattr(self, "llm", None)
+        if llm is not None:
+            llm.close()

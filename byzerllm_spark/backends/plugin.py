@@ -1,0 +1,112 @@
+"""The seed 001 plugin contract, unchanged.
+
+A plugin is a module with ``init_model(model_dir, infer_params, sys_conf) -> (model, tokenizer)``
+that binds ``stream_chat(self, tokenizer, ins, his, max_length, top_p, temperature, **kwargs)`` to
+the model. Byzer-LLM plugins return ``[(text, meta)]``; this adapter also accepts a plain string,
+``(text, meta)``, or a generator of text pieces (streamed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from typing import Any, AsyncIterator
+
+from .base import Backend, ChatResult
+
+
+def _split_result(result: Any) -> tuple[str, dict[str, str]]:
+    """Normalise what ``stream_chat`` returned into (text, metadata)."""
+    meta: Any = {}
+    if isinstance(result, list) and len(result) == 1:
+        result = result[0]
+    if isinstance(result, tuple) and len(result) == 2:
+        result, meta = result
+    if isinstance(result, (list, tuple)) or inspect.isgenerator(result):
+        result = "".join(str(piece) for piece in result)
+    if isinstance(meta, dict) and isinstance(meta.get("metadata"), dict):
+        meta = meta["metadata"]
+    metadata = {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
+    return ("" if result is None else str(result)), metadata
+
+
+class PluginBackend(Backend):
+    """Runs a user module written to the seed contract."""
+
+    name = "plugin"
+
+    def __init__(self, config, model_dir, module) -> None:
+        super().__init__(config, model_dir)
+        self.module = module
+        self.name = f"plugin:{module.__name__}"
+        infer_params = {k: v for k, v in config.infer_params.raw.items()}
+        self.model, self.tokenizer = module.init_model(model_dir, infer_params, dict(config.sys_conf))
+        if not callable(getattr(self.model, "stream_chat", None)):
+            raise TypeError(
+                f"plugin {module.__name__!r}: init_model returned a model without stream_chat; bind it with "
+                "model.stream_chat = types.MethodType(stream_chat, model) (seed 001)"
+            )
+        # One call at a time per worker unless the user raised worker_concurrency: plugins are
+        # written for a single caller, as in Byzer-LLM.
+        self._lock = asyncio.Lock() if config.worker_concurrency == 1 else None
+        if hasattr(module, "embed") or hasattr(self.model, "embed_query"):
+            self.supports_embedding = True
+
+    def _kwargs(self, request) -> dict[str, Any]:
+        kwargs: dict[str, Any] = dict(request.generation)
+        for key in ("system_msg", "user_role", "assistant_role", "top_k"):
+            value = getattr(request, key)
+            if value is not None:
+                kwargs[key] = value
+        return kwargs
+
+    def _run_rows(self, requests) -> list[ChatResult]:
+        out = []
+        stream_chat = self.model.stream_chat
+        tokenizer = self.tokenizer
+        for req in requests:
+            try:
+                text, meta = _split_result(
+                    stream_chat(
+                        tokenizer,
+                        req.instruction,
+                        list(req.history),
+                        max_length=req.max_length,
+                        top_p=req.top_p,
+                        temperature=req.temperature,
+                        **self._kwargs(req),
+                    )
+                )
+                out.append(ChatResult(response=text, metadata=meta))
+            except Exception as exc:  # a failing row must not fail its batch
+                out.append(ChatResult(error=f"{type(exc).__name__}: {exc}"))
+        return out
+
+    async def chat_batch(self, requests) -> list[ChatResult]:
+        if self._lock is None:
+            return await asyncio.to_thread(self._run_rows, requests)
+        async with self._lock:
+            return await asyncio.to_thread(self._run_rows, requests)
+
+    async def stream_chat(self, request) -> AsyncIterator[str]:
+        result = self.model.stream_chat(
+            self.tokenizer,
+            request.instruction,
+            list(request.history),
+            max_length=request.max_length,
+            top_p=request.top_p,
+            temperature=request.temperature,
+            **self._kwargs(request),
+        )
+        if inspect.isgenerator(result):
+            for piece in result:
+                yield str(piece)
+        else:
+            yield _split_result(result)[0]
+
+    async def embed_batch(self, texts):
+        fn = getattr(self.module, "embed", None)
+        if fn is not None:
+            return await asyncio.to_thread(fn, self.model, self.tokenizer, texts)
+        return await asyncio.to_thread(lambda: [self.model.embed_query(t) for t in texts])
+

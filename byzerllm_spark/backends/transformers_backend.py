@@ -1,0 +1,178 @@
+"""Hugging Face transformers: any causal LM directory, or a GGUF file (dequantised on load).
+
+Requests of one batch that share sampling settings are generated together (left padding), so a
+Spark batch of rows becomes a few ``generate`` calls. CUDA is used when the worker has a GPU.
+``backend.*`` keys go to ``from_pretrained`` (e.g. ``backend.torch_dtype=bfloat16``), except
+``backend.max_batch_size`` (rows per ``generate`` call, default 8).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from typing import Any
+
+from ..errors import ConfigError
+from ._model_files import find_gguf, is_hf_dir
+from .base import Backend, ChatResult
+
+#: generate() keyword arguments a request may set through ``generation.<name>``.
+_GENERATE_KEYS = {
+    "repetition_penalty",
+    "no_repeat_ngram_size",
+    "num_beams",
+    "length_penalty",
+    "min_new_tokens",
+    "stop_strings",
+    "seed",
+}
+
+
+def _import():
+    try:
+        import torch
+        import transformers
+    except ImportError as exc:
+        raise ImportError(
+            "infer_backend='transformers' needs torch and transformers: pip install "
+            f"'byzerllm-spark[transformers]' and torch (scripts/setup.sh installs the CPU build) ({exc})"
+        ) from None
+    return torch, transformers
+
+
+class TransformersBackend(Backend):
+    name = "transformers"
+
+    def __init__(self, config, model_dir) -> None:
+        super().__init__(config, model_dir)
+        torch, transformers = _import()
+        self.torch = torch
+        if not model_dir:
+            raise ConfigError("infer_backend='transformers' needs a model directory (model_path=...)")
+        options = dict(config.infer_params.backend)
+        self.max_batch_size = int(options.pop("max_batch_size", 8))
+        use_cuda = torch.cuda.is_available() and config.gpus_per_worker > 0
+        self.device = torch.device("cuda" if use_cuda else "cpu")
+        dtype = options.pop("torch_dtype", options.pop("dtype", None))
+        if dtype is None:
+            dtype = torch.bfloat16 if use_cuda else torch.float32
+        elif isinstance(dtype, str) and dtype != "auto":
+            dtype = getattr(torch, dtype)
+        load_kwargs: dict[str, Any] = {"dtype": dtype, **options}
+        if is_hf_dir(model_dir):
+            source, gguf_kwargs = model_dir, {}
+            self.model_file = model_dir
+        else:
+            gguf = find_gguf(model_dir)
+            if gguf is None:
+                raise ConfigError(
+                    f"model_path={model_dir!r} is not a model: expected a directory with config.json or a .gguf file"
+                )
+            source, gguf_kwargs = os.path.dirname(gguf), {"gguf_file": os.path.basename(gguf)}
+            self.model_file = gguf
+        if not use_cuda:
+            torch.set_num_threads(max(1, int(round(config.cpus_per_worker)) or 1))
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(source, **gguf_kwargs)
+        self.model = transformers.AutoModelForCausalLM.from_pretrained(source, **gguf_kwargs, **load_kwargs)
+        self.model.to(self.device)
+        self.model.eval()
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self._lock = threading.Lock()
+
+    # ---- prompts ------------------------------------------------------------------------
+    def prompt(self, req) -> str:
+        messages = req.messages()
+        if getattr(self.tokenizer, "chat_template", None):
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        # No chat template: the seed's role names build a plain transcript.
+        user, assistant = req.user_role or "User", req.assistant_role or "Assistant"
+        lines = [req.system_msg] if req.system_msg else []
+        for turn in req.history:
+            lines.append(f"{user if turn['role'] == 'user' else assistant}: {turn['content']}")
+        lines.append(f"{user}: {req.instruction}")
+        lines.append(f"{assistant}:")
+        return "\n".join(lines)
+
+    @staticmethod
+    def _group_key(req) -> tuple:
+        extra = tuple(sorted((k, repr(v)) for k, v in req.generation.items() if k in _GENERATE_KEYS))
+        sample = req.temperature > 0
+        return (sample, req.temperature if sample else 0.0, req.top_p if sample else 1.0, req.top_k, extra)
+
+    def _generate(self, reqs) -> list[ChatResult]:
+        torch = self.torch
+        prompts = [self.prompt(r) for r in reqs]
+        enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        first = reqs[0]
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": max(r.max_length for r in reqs),
+            "pad_token_id": self.tokenizer.pad_token_id,
+        }
+        if first.temperature > 0:
+            kwargs.update(do_sample=True, temperature=first.temperature, top_p=first.top_p)
+            if first.top_k is not None:
+                kwargs["top_k"] = first.top_k
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        seed = None
+        for key, value in first.generation.items():
+            if key == "seed":
+                seed = int(value)
+            elif key == "stop_strings":
+                kwargs.update(stop_strings=value, tokenizer=self.tokenizer)
+            elif key in _GENERATE_KEYS:
+                kwargs[key] = value
+        if seed is not None:
+            torch.manual_seed(seed)
+        with torch.inference_mode():
+            output = self.model.generate(**enc, **kwargs)
+        prompt_len = enc["input_ids"].shape[1]
+        results = []
+        eos = self.tokenizer.eos_token_id
+        for i, req in enumerate(reqs):
+            new_tokens = output[i, prompt_len:][: req.max_length].tolist()
+            prompt_tokens = int(enc["attention_mask"][i].sum())
+            finish = "length"
+            if eos is not None and eos in new_tokens:
+                new_tokens = new_tokens[: new_tokens.index(eos)]
+                finish = "stop"
+            text = self.tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
+            results.append(
+                ChatResult(
+                    response=text,
+                    metadata={
+                        "prompt_tokens": str(prompt_tokens),
+                        "completion_tokens": str(len(new_tokens)),
+                        "finish_reason": finish,
+                    },
+                )
+            )
+        return results
+
+    def _run(self, requests) -> list[ChatResult]:
+        results: list[ChatResult | None] = [None] * len(requests)
+        groups: dict[tuple, list[int]] = {}
+        for i, req in enumerate(requests):
+            groups.setdefault(self._group_key(req), []).append(i)
+        with self._lock:
+            for idx in groups.values():
+                # Sorting by prompt length keeps padding small inside each generate call.
+                idx.sort(key=lambda i: len(requests[i].instruction))
+                for start in range(0, len(idx), self.max_batch_size):
+                    chunk = idx[start : start + self.max_batch_size]
+                    try:
+                        answers = self._generate([requests[i] for i in chunk])
+                    except Exception as exc:
+                        answers = [ChatResult(error=f"{type(exc).__name__}: {exc}")] * len(chunk)
+                    for i, answer in zip(chunk, answers):
+                        results[i] = answer
+        return results  # type: ignore[return-value]
+
+    async def chat_batch(self, requests) -> list[ChatResult]:
+        return await asyncio.to_thread(self._run, requests)
+
+    def info(self) -> dict[str, Any]:
+        return {"backend": self.name, "model_file": self.model_file, "device": str(self.device)}

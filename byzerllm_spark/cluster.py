@@ -1,0 +1,227 @@
+"""Where the models run: an embedded local Ray, an existing cluster, or Ray on Spark.
+
+``init()`` with no arguments starts Ray in this process's machine and Ray Serve's HTTP proxy on
+127.0.0.1, so a notebook or a spark-submit driver needs nothing running beforehand.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ClusterError, ConfigError, bad_value
+
+logger = logging.getLogger(__name__)
+
+NAMESPACE = "byzerllm_spark"
+_KV_ENDPOINT = b"byzerllm_spark/endpoint"
+DEFAULT_HTTP_PORT = 8000
+
+
+@dataclass(frozen=True)
+class ClusterInfo:
+    """What ``init()`` connected to."""
+
+    ray_address: str
+    endpoint: str
+    embedded: bool
+    dashboard_url: str | None = None
+
+
+_state: dict[str, Any] = {"info": None, "started_ray": False, "ray_on_spark": None}
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def init(
+    ray_address: str | None = None,
+    *,
+    http_host: str = "127.0.0.1",
+    http_port: int | None = None,
+    num_cpus: int | None = None,
+    num_gpus: int | None = None,
+    spark: Any = None,
+    ray_on_spark_workers: int | None = None,
+    include_dashboard: bool | None = None,
+    runtime_env: dict | None = None,
+) -> ClusterInfo:
+    """Connect to (or start) Ray and Ray Serve. Safe to call twice.
+
+    Args:
+        ray_address: None starts an embedded local Ray; ``"auto"`` or ``"ray://host:10001"`` or
+            ``"host:6379"`` joins an existing cluster (seed 000's ``rayAddress``).
+        http_host: address Serve's HTTP proxy binds. Keep 127.0.0.1 unless executors on other
+            machines must reach it.
+        http_port: port of the proxy; None takes 8000, or a free port when 8000 is taken.
+        num_cpus, num_gpus: resources of the embedded Ray (default: what the machine has).
+        spark: with ``ray_on_spark_workers``, start Ray on the Spark cluster
+            (``ray.util.spark.setup_ray_cluster``) and join it.
+        include_dashboard: start Ray's dashboard (needed for detached jobs); default: Ray decides.
+        runtime_env: Ray runtime environment for all workers.
+
+    Returns:
+        ClusterInfo with the Ray address and the HTTP endpoint.
+
+    Raises:
+        ClusterError: Ray or Serve cannot be started or reached.
+
+    Example:
+        >>> import byzerllm_spark as bls
+        >>> bls.init()  # doctest: +SKIP
+    """
+    import ray
+
+    if _state["info"] is not None and ray.is_initialized():
+        return _state["info"]
+
+    if spark is not None and ray_on_spark_workers:
+        ray_address = _start_ray_on_spark(spark, ray_on_spark_workers)
+
+    embedded = ray_address is None
+    init_kwargs: dict[str, Any] = {"namespace": NAMESPACE, "ignore_reinit_error": True, "log_to_driver": True}
+    if runtime_env:
+        init_kwargs["runtime_env"] = runtime_env
+    if embedded:
+        if num_cpus is not None:
+            init_kwargs["num_cpus"] = num_cpus
+        if num_gpus is not None:
+            init_kwargs["num_gpus"] = num_gpus
+        if include_dashboard is not None:
+            init_kwargs["include_dashboard"] = include_dashboard
+    try:
+        if not ray.is_initialized():
+            context = ray.init(address=ray_address, **init_kwargs)
+            _state["started_ray"] = embedded
+        else:
+            context = None
+    except Exception as exc:  # Ray raises ConnectionError, RuntimeError, ValueError...
+        raise ClusterError(
+            f"cannot start or join Ray at ray_address={ray_address!r}: {exc}. "
+            "Pass None for an embedded local Ray, or the address of a running cluster."
+        ) from exc
+
+    endpoint = _start_serve(http_host, http_port)
+    dashboard = getattr(context, "dashboard_url", None) if context is not None else None
+    info = ClusterInfo(
+        ray_address=ray.get_runtime_context().gcs_address,
+        endpoint=endpoint,
+        embedded=embedded,
+        dashboard_url=f"http://{dashboard}" if dashboard else None,
+    )
+    _state["info"] = info
+    logger.info("byzerllm_spark: Ray at %s, Serve endpoint %s", info.ray_address, info.endpoint)
+    return info
+
+
+def _start_serve(http_host: str, http_port: int | None) -> str:
+    from ray import serve
+    from ray.experimental import internal_kv
+
+    if http_port is not None and (not isinstance(http_port, int) or not 0 <= http_port < 65536):
+        raise ConfigError(bad_value("http_port", http_port, "use an integer port such as 8000, or None"))
+    existing = internal_kv._internal_kv_get(_KV_ENDPOINT, namespace=NAMESPACE)
+    if existing is not None and _serve_running():
+        return existing.decode()
+    if http_host not in ("127.0.0.1", "localhost", "::1") and not os.environ.get("BYZERLLM_ALLOW_PUBLIC_BIND"):
+        raise ConfigError(
+            bad_value(
+                "http_host",
+                http_host,
+                "the proxy binds 127.0.0.1 by default; to expose it on another address set "
+                "BYZERLLM_ALLOW_PUBLIC_BIND=1 and put an authenticating proxy in front of it",
+            )
+        )
+    if http_port is None:
+        http_port = DEFAULT_HTTP_PORT if _port_free(http_host, DEFAULT_HTTP_PORT) else _free_port(http_host)
+    elif http_port == 0:
+        http_port = _free_port(http_host)
+    try:
+        serve.start(http_options={"host": http_host, "port": http_port, "location": "HeadOnly"})
+    except Exception as exc:
+        raise ClusterError(f"cannot start Ray Serve on {http_host}:{http_port}: {exc}") from exc
+    endpoint = f"http://{'127.0.0.1' if http_host in ('0.0.0.0', 'localhost') else http_host}:{http_port}"
+    internal_kv._internal_kv_put(_KV_ENDPOINT, endpoint.encode(), overwrite=True, namespace=NAMESPACE)
+    return endpoint
+
+
+def _serve_running() -> bool:
+    from ray import serve
+
+    try:
+        serve.status()
+        return True
+    except Exception:
+        return False
+
+
+def _start_ray_on_spark(spark: Any, workers: int) -> str:
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    from ray.util.spark import setup_ray_cluster
+
+    address, _ = setup_ray_cluster(max_worker_nodes=workers, num_cpus_worker_node=None)
+    _state["ray_on_spark"] = True
+    return address
+
+
+def info() -> ClusterInfo:
+    """The current connection. Raises ClusterError before ``init()``."""
+    if _state["info"] is None:
+        raise ClusterError("byzerllm_spark is not connected: call bls.init() first")
+    return _state["info"]
+
+
+def ensure_init() -> ClusterInfo:
+    """``init()`` with defaults unless already connected (the functions call this for you)."""
+    import ray
+
+    if _state["info"] is None or not ray.is_initialized():
+        _state["info"] = None
+        return init()
+    return _state["info"]
+
+
+def endpoint() -> str:
+    """Base URL of the HTTP endpoint, e.g. ``http://127.0.0.1:8000``.
+
+    Models answer at ``{endpoint}/{model}/arrow`` (see the README's Arrow contract).
+    """
+    return ensure_init().endpoint
+
+
+def shutdown() -> None:
+    """Stop Serve and Ray if this process started them; otherwise just disconnect."""
+    import ray
+
+    if not ray.is_initialized():
+        _state["info"] = None
+        return
+    if _state["started_ray"]:
+        from ray import serve
+
+        try:
+            serve.shutdown()
+        except Exception:  # pragma: no cover - best effort on the way out
+            logger.debug("serve.shutdown failed", exc_info=True)
+    if _state.get("ray_on_spark"):
+        from ray.util.spark import shutdown_ray_cluster
+
+        shutdown_ray_cluster()
+    ray.shutdown()
+    _state.update(info=None, started_ray=False, ray_on_spark=None)

@@ -1,0 +1,284 @@
+"""Configuration, parsed once at the edge.
+
+Byzer passes everything as string maps (``infer_params``, ``!byzerllm setup`` keys, ``sft.int.x``).
+This module turns those maps into frozen, picklable dataclasses and rejects bad keys with a message
+that names the key, the bad value and the accepted form.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from .errors import ConfigError, bad_value
+
+#: Value types accepted in typed keys such as ``sft.int.max_seq_length``.
+TYPED_KEY_TYPES = ("int", "float", "bool", "str", "list", "dict")
+#: Prefixes whose keys must carry a type: ``<prefix>.<type>.<name>``.
+TYPED_PREFIXES = ("sft", "sfft")
+LOAD_BALANCE_STRATEGIES = ("lru", "round_robin")
+SECRET_KEYS = frozenset({"api_key", "apikey", "api_secret", "secret_key", "token", "password"})
+REDACTED = "******"
+
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+_MODEL_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]{0,63}$")
+
+#: ``!byzerllm setup <preset>`` defaults (seed 000: "single" sets the usual single-model values).
+PRESETS: dict[str, dict[str, str]] = {
+    "single": {
+        "dataMode": "model",
+        "runIn": "driver",
+        "num_gpus": "0",
+        "maxConcurrency": "1",
+        "standalone": "true",
+        "schema": "file",
+    },
+    "sft": {
+        "dataMode": "model",
+        "runIn": "driver",
+        "num_gpus": "0",
+        "maxConcurrency": "1",
+        "standalone": "true",
+        "schema": "file",
+        "detached": "true",
+    },
+    "sfft": {
+        "dataMode": "model",
+        "runIn": "driver",
+        "num_gpus": "0",
+        "maxConcurrency": "1",
+        "standalone": "false",
+        "schema": "file",
+        "detached": "true",
+    },
+}
+
+
+def is_secret_key(key: str) -> bool:
+    """True for keys whose values must never be shown (``saas.api_key`` and friends)."""
+    return key.rsplit(".", 1)[-1].lower() in SECRET_KEYS
+
+
+def redact(params: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of ``params`` safe to print: secret values replaced by ``******``."""
+    return {k: (REDACTED if is_secret_key(k) else v) for k, v in params.items()}
+
+
+def coerce_value(value: Any) -> Any:
+    """Best-effort typing of an untyped string value: bool, int, float, JSON list/dict, else str."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    if text[:1] in "[{":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            return value
+    return value
+
+
+def parse_typed(key: str, type_name: str, value: Any) -> Any:
+    """Convert ``value`` to ``type_name`` (one of :data:`TYPED_KEY_TYPES`) or raise ConfigError."""
+    form = {
+        "int": "an integer such as '512'",
+        "float": "a number such as '2e-4'",
+        "bool": "'true' or 'false'",
+        "str": "any string",
+        "list": "a JSON list such as '[\"a\", \"b\"]'",
+        "dict": "a JSON object such as '{\"k\": 1}'",
+    }[type_name]
+    try:
+        if type_name == "str":
+            return str(value)
+        if type_name == "int":
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, int):
+                return value
+            return int(str(value).strip())
+        if type_name == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            return float(str(value).strip()) if not isinstance(value, (int, float)) else float(value)
+        if type_name == "bool":
+            if isinstance(value, bool):
+                return value
+            low = str(value).strip().lower()
+            if low in _TRUE:
+                return True
+            if low in _FALSE:
+                return False
+            raise ValueError
+        parsed = json.loads(value) if isinstance(value, str) else value
+        expected = list if type_name == "list" else dict
+        if not isinstance(parsed, expected):
+            raise ValueError
+        return parsed
+    except (ValueError, TypeError, json.JSONDecodeError):
+        raise ConfigError(bad_value(key, value, f"a '{type_name}' key takes {form}")) from None
+
+
+def parse_typed_params(params: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """Parse ``<prefix>.<type>.<name>`` keys into ``{name: typed value}``.
+
+    Keys without the prefix are ignored (they belong to other layers). A key with the prefix but a
+    missing or unknown type fails, naming the accepted types.
+
+    Example:
+        >>> parse_typed_params({"sft.int.max_seq_length": "512"}, "sft")
+        {'max_seq_length': 512}
+    """
+    out: dict[str, Any] = {}
+    for key, value in params.items():
+        if not key.startswith(prefix + "."):
+            continue
+        parts = key.split(".", 2)
+        if len(parts) != 3 or parts[1] not in TYPED_KEY_TYPES or not parts[2]:
+            raise ConfigError(
+                f"{key!r} is not a valid typed key: use '{prefix}.<type>.<name>' with <type> one of "
+                f"{', '.join(TYPED_KEY_TYPES)} (for example '{prefix}.int.max_seq_length')"
+            )
+        out[parts[2]] = parse_typed(key, parts[1], value)
+    return out
+
+
+@dataclass(frozen=True)
+class InferParams:
+    """``infer_params`` split by prefix (seed 002).
+
+    Attributes:
+        saas: ``saas.*`` keys, prefix stripped, values as given (vendor client settings).
+        backend: ``backend.*`` keys, prefix stripped, values coerced: passed through to the engine.
+        generation: ``generation.*`` / ``gen.*`` keys, stripped: default generation kwargs.
+        plain: other keys, coerced (llama.cpp parameters such as ``n_ctx``, or plugin settings).
+        raw: the original string map, given unchanged to plugins' ``init_model``.
+    """
+
+    saas: dict[str, Any] = field(default_factory=dict)
+    backend: dict[str, Any] = field(default_factory=dict)
+    generation: dict[str, Any] = field(default_factory=dict)
+    plain: dict[str, Any] = field(default_factory=dict)
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, params: Mapping[str, Any] | None) -> "InferParams":
+        if params is None:
+            return cls()
+        if not isinstance(params, Mapping):
+            raise ConfigError(bad_value("infer_params", type(params).__name__, "pass a dict of str to str"))
+        saas: dict[str, Any] = {}
+        backend: dict[str, Any] = {}
+        generation: dict[str, Any] = {}
+        plain: dict[str, Any] = {}
+        for key, value in params.items():
+            if not isinstance(key, str) or not key:
+                raise ConfigError(bad_value("infer_params key", key, "keys are non-empty strings"))
+            head, _, rest = key.partition(".")
+            if head in TYPED_PREFIXES:
+                continue  # training keys; parsed by the finetune layer
+            if head == "saas" and rest:
+                saas[rest] = value
+            elif head == "backend" and rest:
+                name, typed = _typed_or_coerced(key, rest, value)
+                backend[name] = typed
+            elif head in ("generation", "gen") and rest:
+                generation[rest] = coerce_value(value)
+            elif head in ("saas", "backend", "generation", "gen"):
+                raise ConfigError(f"{key!r} has no name after its prefix: use '{head}.<name>'")
+            else:
+                plain[key] = coerce_value(value)
+        for key in params:
+            if key.startswith(TYPED_PREFIXES):
+                parse_typed_params(params, key.split(".", 1)[0])
+        return cls(saas=saas, backend=backend, generation=generation, plain=plain, raw=dict(params))
+
+    def __repr__(self) -> str:
+        return (
+            f"InferParams(saas={redact(self.saas)!r}, backend={self.backend!r}, "
+            f"generation={self.generation!r}, plain={redact(self.plain)!r})"
+        )
+
+
+def _typed_or_coerced(key: str, rest: str, value: Any) -> tuple[str, Any]:
+    """``backend.int.n_ctx`` → ('n_ctx', typed); ``backend.n_ctx`` → ('n_ctx', coerced)."""
+    parts = rest.split(".", 1)
+    if len(parts) == 2 and parts[0] in TYPED_KEY_TYPES:
+        return parts[1], parse_typed(key, parts[0], value)
+    return rest, coerce_value(value)
+
+
+@dataclass(frozen=True)
+class DeployConfig:
+    """Everything a worker needs to build its backend. Pickled into each Serve replica."""
+
+    model: str
+    pretrained_model_type: str = "custom/auto"
+    infer_backend: str | None = None
+    model_path: str | None = None
+    model_table: str | None = None
+    num_workers: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    worker_concurrency: int = 1
+    infer_params: InferParams = field(default_factory=InferParams)
+    load_balance: str = "lru"
+    udf_name: str | None = None
+    sys_conf: dict[str, Any] = field(default_factory=dict)
+    local_path_prefix: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, str) or not _MODEL_NAME.match(self.model):
+            raise ConfigError(
+                bad_value("model", self.model, "use 1-64 letters, digits, '_' or '-', starting with a letter")
+            )
+        _check_number("num_workers", self.num_workers, minimum=1, integer=True)
+        _check_number("worker_concurrency", self.worker_concurrency, minimum=1, integer=True)
+        _check_number("cpus_per_worker", self.cpus_per_worker, minimum=0.0)
+        _check_number("gpus_per_worker", self.gpus_per_worker, minimum=0.0)
+        if self.load_balance not in LOAD_BALANCE_STRATEGIES:
+            raise ConfigError(
+                bad_value("load_balance", self.load_balance, f"use one of {', '.join(LOAD_BALANCE_STRATEGIES)}")
+            )
+        if not isinstance(self.pretrained_model_type, str) or not self.pretrained_model_type:
+            raise ConfigError(bad_value("pretrained_model_type", self.pretrained_model_type, "e.g. 'custom/auto'"))
+        if self.model_path is not None and self.model_table is not None:
+            raise ConfigError("pass model_path or model_table, not both (seed 000: model_path wins in Byzer; be explicit)")
+        if self.udf_name is not None and not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", self.udf_name):
+            raise ConfigError(bad_value("udf_name", self.udf_name, "use a SQL identifier: letters, digits and '_'"))
+
+    @property
+    def is_saas(self) -> bool:
+        return self.pretrained_model_type.startswith("saas/")
+
+    def __repr__(self) -> str:
+        return (
+            f"DeployConfig(model={self.model!r}, pretrained_model_type={self.pretrained_model_type!r}, "
+            f"infer_backend={self.infer_backend!r}, model_path={self.model_path!r}, "
+            f"model_table={self.model_table!r}, num_workers={self.num_workers}, "
+            f"cpus_per_worker={self.cpus_per_worker}, gpus_per_worker={self.gpus_per_worker}, "
+            f"worker_concurrency={self.worker_concurrency}, load_balance={self.load_balance!r}, "
+            f"infer_params={self.infer_params!r})"
+        )
+
+
+def _check_number(name: str, value: Any, *, minimum: float, integer: bool = False) -> None:
+    ok_types = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, ok_types) or value < minimum:
+        kind = "an integer" if integer else "a number"
+        raise ConfigError(bad_value(name, value, f"use {kind} >= {minimum:g}"))

@@ -1,0 +1,224 @@
+"""The request every caller sends: ``bls.chat``, the Spark functions and the JVM bridge.
+
+A request is a flat JSON object with the keys of ``llm_param(map(...))`` (seed 001). Values may be
+strings (Spark maps are ``map<string,string>``) or typed JSON values; both parse the same way. The
+parsed form is a :class:`ChatRequest`; a row that does not parse gets a :class:`RequestError` that
+names the key, the bad value and the fix, without failing the rows beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from .errors import ConfigError, bad_value
+
+DEFAULT_MAX_LENGTH = 1024
+DEFAULT_TOP_P = 0.95
+DEFAULT_TEMPERATURE = 0.1
+
+#: Keys a request may carry besides ``generation.<name>`` / ``gen.<name>``.
+REQUEST_KEYS = (
+    "instruction",
+    "history",
+    "system_msg",
+    "user_role",
+    "assistant_role",
+    "max_length",
+    "max_tokens",
+    "top_p",
+    "top_k",
+    "temperature",
+    "messages",
+    "request_id",
+    "embedding",
+)
+
+
+class RequestParseError(ConfigError):
+    """One request (row) is malformed. Other rows of the same batch are unaffected."""
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """One parsed chat request.
+
+    ``max_length`` is the most new tokens to generate (Byzer's name for it). ``generation`` holds
+    the ``generation.*`` keys with the prefix stripped: they reach a plugin's ``stream_chat`` as
+    keyword arguments (``generation.image`` arrives as ``image``).
+    """
+
+    instruction: str
+    history: tuple = ()
+    system_msg: str | None = None
+    user_role: str | None = None
+    assistant_role: str | None = None
+    max_length: int = DEFAULT_MAX_LENGTH
+    top_p: float = DEFAULT_TOP_P
+    temperature: float = DEFAULT_TEMPERATURE
+    top_k: int | None = None
+    embedding: bool = False
+    generation: dict = field(default_factory=dict)
+
+    def messages(self) -> list[dict[str, str]]:
+        """OpenAI-style messages: system, history turns, then the instruction as the user turn."""
+        out: list[dict[str, str]] = []
+        if self.system_msg:
+            out.append({"role": "system", "content": self.system_msg})
+        out.extend(self.history)
+        out.append({"role": "user", "content": self.instruction})
+        return out
+
+
+def _number(key: str, value: Any, cast: type, lo: float, hi: float | None) -> Any:
+    kind = "a number" if cast is float else "an integer"
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        number = float(value)
+        if not math.isfinite(number) or (cast is int and not number.is_integer()):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise RequestParseError(bad_value(key, value, f"pass {kind}, e.g. {key}='{max(lo, 1):g}'")) from None
+    if number < lo or (hi is not None and number > hi):
+        upper = f" and <= {hi:g}" if hi is not None else ""
+        raise RequestParseError(bad_value(key, value, f"use {kind} >= {lo:g}{upper}"))
+    return int(number) if cast is int else number
+
+
+def _turns(key: str, value: Any) -> list[dict[str, str]]:
+    if isinstance(value, str):
+        if not value.strip():
+            return []
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise RequestParseError(
+                bad_value(key, value[:80], 'pass a JSON list like [{"role":"user","content":"hi"}]')
+            ) from None
+    if not isinstance(value, (list, tuple)):
+        raise RequestParseError(bad_value(key, value, 'pass a list of {"role": ..., "content": ...} turns'))
+    turns = []
+    for i, turn in enumerate(value):
+        if isinstance(turn, Mapping) and "role" in turn and "content" in turn:
+            turns.append({"role": str(turn["role"]), "content": "" if turn["content"] is None else str(turn["content"])})
+        elif isinstance(turn, (list, tuple)) and len(turn) == 2:
+            # Byzer/Alpaca style history: [[question, answer], ...]
+            turns.append({"role": "user", "content": str(turn[0])})
+            turns.append({"role": "assistant", "content": str(turn[1])})
+        else:
+            raise RequestParseError(
+                bad_value(f"{key}[{i}]", turn, 'each turn is {"role": ..., "content": ...} or a [question, answer] pair')
+            )
+    return turns
+
+
+def parse_request(params: Any, defaults: Mapping[str, Any] | None = None) -> ChatRequest:
+    """Parse one request (a dict or its JSON text) into a :class:`ChatRequest`.
+
+    Args:
+        params: the ``llm_param`` map, as a dict or as JSON text.
+        defaults: deployment-level generation defaults (``generation.*`` from ``infer_params``).
+
+    Raises:
+        RequestParseError: a key is unknown or a value is malformed; the message says how to fix it.
+
+    Example:
+        >>> parse_request('{"instruction": "hi", "temperature": "0"}').temperature
+        0.0
+    """
+    if isinstance(params, (str, bytes)):
+        try:
+            params = json.loads(params)
+        except json.JSONDecodeError as exc:
+            raise RequestParseError(f"the request is not valid JSON ({exc}); build it with llm_param(map(...))") from None
+    if not isinstance(params, Mapping):
+        raise RequestParseError(
+            bad_value("request", params, "pass a map such as llm_param(map('instruction', q)) or a dict")
+        )
+    generation: dict[str, Any] = {}
+    values: dict[str, Any] = {}
+    if defaults:
+        for key, value in defaults.items():
+            if key in REQUEST_KEYS:
+                values[key] = value
+            else:
+                generation[key] = value
+    for key, value in params.items():
+        if key in REQUEST_KEYS:
+            values[key] = value
+        elif key.startswith("generation."):
+            generation[key[11:]] = value
+        elif key.startswith("gen."):
+            generation[key[4:]] = value
+        else:
+            raise RequestParseError(
+                f"unknown request key {key!r}: use one of {', '.join(REQUEST_KEYS)}, or pass a "
+                f"model-specific value as 'generation.{key}'"
+            )
+
+    history: list[dict[str, str]] = []
+    system_msg = values.get("system_msg")
+    instruction = values.get("instruction")
+    if values.get("messages") is not None:
+        if instruction is not None:
+            raise RequestParseError("pass either 'instruction' (with 'history') or 'messages', not both")
+        turns = _turns("messages", values["messages"])
+        if not turns or turns[-1]["role"] != "user":
+            raise RequestParseError("'messages' must end with a user turn: the question to answer")
+        for turn in turns[:-1]:
+            if turn["role"] == "system":
+                system_msg = turn["content"] if system_msg is None else system_msg + "\n" + turn["content"]
+            else:
+                history.append(turn)
+        instruction = turns[-1]["content"]
+    elif values.get("history") is not None:
+        history = _turns("history", values["history"])
+    if instruction is None:
+        raise RequestParseError(
+            "the request has no 'instruction': add it, e.g. llm_param(map('instruction', q))"
+        )
+    if not isinstance(instruction, str):
+        instruction = str(instruction)
+
+    max_length = values.get("max_tokens", values.get("max_length"))
+    embedding = values.get("embedding", False)
+    return ChatRequest(
+        instruction=instruction,
+        history=tuple(history),
+        system_msg=None if system_msg is None else str(system_msg),
+        user_role=_opt_str(values.get("user_role")),
+        assistant_role=_opt_str(values.get("assistant_role")),
+        max_length=DEFAULT_MAX_LENGTH if max_length is None else _number("max_length", max_length, int, 1, None),
+        top_p=DEFAULT_TOP_P if values.get("top_p") is None else _number("top_p", values["top_p"], float, 0.0, 1.0),
+        temperature=DEFAULT_TEMPERATURE
+        if values.get("temperature") is None
+        else _number("temperature", values["temperature"], float, 0.0, 2.0),
+        top_k=None if values.get("top_k") is None else _number("top_k", values["top_k"], int, 1, None),
+        embedding=embedding if isinstance(embedding, bool) else str(embedding).lower() == "true",
+        generation=generation,
+    )
+
+
+def _opt_str(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def build_params(instruction: str | None = None, **params: Any) -> dict[str, Any]:
+    """The request dict that ``bls.chat`` sends; the Spark functions send the same keys.
+
+    ``generation_image=...`` style keyword names map to ``generation.image``; pass a dict key
+    ``"generation.image"`` through ``**{"generation.image": url}`` as well.
+    """
+    out: dict[str, Any] = {}
+    if instruction is not None:
+        out["instruction"] = instruction
+    for key, value in params.items():
+        if value is None:
+            continue
+        if key.startswith("generation_"):
+            key = "generation." + key[len("generation_"):]
+        out[key] = value
+    return out

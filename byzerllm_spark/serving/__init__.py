@@ -1,0 +1,1 @@
+"""Serving: models as Ray Serve applications (deploy, stat, routing, the worker)."""

@@ -1,0 +1,46 @@
+"""Request routers for Serve: LRU (the seed 002 default) and round robin.
+
+Each router instance lives in a Serve proxy or a deployment handle and sees every request routed
+through it. The LRU router ranks replicas by when it last gave them work, oldest first, so idle
+workers are used before busy ones and load spreads evenly; a replica that is full is skipped by
+Serve's own capacity check and the next rank is tried.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import List, Optional
+
+from ray.serve._private.request_router.common import PendingRequest
+from ray.serve._private.request_router.replica_wrapper import RunningReplica
+from ray.serve._private.request_router.request_router import FIFOMixin, RequestRouter
+
+ROUND_ROBIN_ROUTER = "ray.serve.experimental.round_robin_router.RoundRobinRouter"
+
+
+class LRURequestRouter(FIFOMixin, RequestRouter):
+    """Least-recently-used: the replica that has waited longest for work goes first."""
+
+    def initialize_state(self, **kwargs) -> None:
+        self._last_routed: dict = {}
+
+    async def choose_replicas(
+        self,
+        candidate_replicas: List[RunningReplica],
+        pending_request: Optional[PendingRequest] = None,
+    ) -> List[List[RunningReplica]]:
+        if pending_request is not None:
+            # Back off between rounds when every replica is full instead of spinning.
+            pending_request.routing_context.should_backoff = True
+        if not candidate_replicas:
+            return []
+        last = self._last_routed
+        ranked = sorted(candidate_replicas, key=lambda r: last.get(r.replica_id, 0.0))
+        return [[replica] for replica in ranked]
+
+    def on_request_routed(self, pending_request, replica_id, result) -> None:
+        self._last_routed[replica_id] = time.monotonic()
+
+    def on_replica_actor_died(self, replica_id) -> None:
+        self._last_routed.pop(replica_id, None)
+        super().on_replica_actor_died(replica_id)

@@ -1,0 +1,217 @@
+"""The Serve replica: one worker of a deployed model.
+
+It is its own HTTP ingress (route prefix ``/{model}``), so a Spark batch goes proxy → replica with
+no extra hop. Routes:
+
+- ``POST /{model}/arrow``  Arrow IPC in, Arrow IPC out (the contract in ``_arrow.py``)
+- ``POST /{model}/embed``  Arrow IPC in (``params``: text or request JSON), embeddings out
+- ``GET  /{model}/info``   backend, model dir, replica id (JSON)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any
+
+from .. import _arrow
+from ..backends import registry
+from ..backends.base import ChatResult
+from ..request import RequestParseError, parse_request
+
+logger = logging.getLogger("byzerllm_spark.worker")
+
+
+def resolve_model_dir(config) -> str | None:
+    """The local model directory this worker loads (materialising a model table if needed)."""
+    from ..backends._model_files import default_model_dir
+
+    if config.model_table:
+        from ..model_table import load_model_table
+
+        return load_model_table(config.model_table, cache_dir=config.local_path_prefix)
+    if config.model_path:
+        return config.model_path
+    if config.is_saas:
+        return None
+    return default_model_dir()
+
+
+class ModelWorker:
+    """One replica. Built by Serve with the pickled :class:`DeployConfig`."""
+
+    def __init__(self, config) -> None:
+        from ray import serve
+
+        from ._stats import get_stats_actor
+
+        self.config = config
+        started = time.time()
+        self.model_dir = resolve_model_dir(config)
+        self.backend = registry.build(config, self.model_dir)
+        self.generation_defaults = dict(config.infer_params.generation)
+        try:
+            context = serve.get_replica_context()
+            self.replica = context.replica_id.to_full_id_str()
+        except Exception:  # not inside Serve (tests calling the class directly)
+            self.replica = f"local-{os.getpid()}"
+        self._stats = get_stats_actor(config.model)
+        self._seq = 0
+        self._in_flight = 0
+        self._total = 0
+        self._started = started
+        self._last_work = time.time()
+        self._load_seconds = time.time() - started
+        self._report()
+        logger.info("worker %s ready: %s in %.1fs", self.replica, self.backend.name, self._load_seconds)
+
+    # ---- counters -------------------------------------------------------------------------
+    def _report(self) -> None:
+        if self._stats is None:
+            return
+        self._seq += 1
+        snapshot = {
+            "seq": self._seq,
+            "in_flight": self._in_flight,
+            "total_requests": self._total,
+            "last_work_time": self._last_work,
+            "started": self._started,
+            "pid": os.getpid(),
+            "node_ip": _node_ip(),
+            "backend": self.backend.name,
+            "load_seconds": self._load_seconds,
+        }
+        try:
+            self._stats.report.remote(self.replica, snapshot)
+        except Exception:  # stats must never fail a request
+            logger.debug("stats report failed", exc_info=True)
+
+    # ---- the work -------------------------------------------------------------------------
+    async def run_batch(self, params: list[Any]) -> list[ChatResult | None]:
+        """Answer a batch of requests (dicts or JSON text; None rows stay None), in order."""
+        self._in_flight += 1
+        self._report()
+        try:
+            results: list[ChatResult | None] = [None] * len(params)
+            todo_idx: list[int] = []
+            todo: list = []
+            defaults = self.generation_defaults
+            for i, item in enumerate(params):
+                if item is None:
+                    continue
+                try:
+                    todo.append(parse_request(item, defaults))
+                    todo_idx.append(i)
+                except RequestParseError as exc:
+                    results[i] = ChatResult(error=str(exc))
+            if todo:
+                answers = await self.backend.chat_batch(todo)
+                for i, answer in zip(todo_idx, answers):
+                    results[i] = answer
+            return results
+        finally:
+            self._in_flight -= 1
+            self._total += len(params)
+            self._last_work = time.time()
+            self._report()
+
+    async def chat_batch(self, params: list[Any]) -> list[dict | None]:
+        """Handle method: the same as the Arrow route, with Python objects."""
+        results = await self.run_batch(params)
+        return [None if r is None else {"response": r.response, "error": r.error, "metadata": r.metadata} for r in results]
+
+    async def embed_batch(self, texts: list[str]) -> list[list[float]]:
+        return await self.backend.embed_batch(texts)
+
+    def info(self) -> dict[str, Any]:
+        out = self.backend.info()
+        out.update(replica=self.replica, pid=os.getpid(), load_seconds=self._load_seconds, model=self.config.model)
+        return out
+
+    # ---- HTTP -----------------------------------------------------------------------------
+    async def __call__(self, request):
+        from starlette.responses import JSONResponse, PlainTextResponse, Response
+
+        path = request.url.path.rstrip("/")
+        if request.method == "POST" and path.endswith("/arrow"):
+            body = await request.body()
+            try:
+                column = _arrow.decode_params(body)
+            except ValueError as exc:
+                return PlainTextResponse(str(exc), status_code=400)
+            results = await self.run_batch(column.to_pylist())
+            responses = [None if r is None else r.response for r in results]
+            errors = [None if r is None else r.error for r in results]
+            metadata = [None if r is None else r.metadata for r in results]
+            payload = _arrow.encode_results(responses, errors, metadata)
+            return Response(content=payload, media_type=_arrow.CONTENT_TYPE)
+        if request.method == "POST" and path.endswith("/embed"):
+            return await self._embed_http(request)
+        if request.method == "GET" and path.endswith("/info"):
+            return JSONResponse(self.info())
+        return PlainTextResponse(
+            f"unknown route {request.method} {request.url.path}; this model serves POST /{self.config.model}/arrow, "
+            f"POST /{self.config.model}/embed and GET /{self.config.model}/info",
+            status_code=404,
+        )
+
+    async def _embed_http(self, request):
+        from starlette.responses import PlainTextResponse, Response
+
+        try:
+            column = _arrow.decode_params(await request.body())
+        except ValueError as exc:
+            return PlainTextResponse(str(exc), status_code=400)
+        if not self.backend.supports_embedding:
+            return PlainTextResponse(
+                f"model {self.config.model!r} ({self.backend.name}) does not compute embeddings", status_code=400
+            )
+        rows = column.to_pylist()
+        texts, idx, errors = [], [], [None] * len(rows)
+        for i, row in enumerate(rows):
+            if row is None:
+                continue
+            text = row
+            if row[:1] == "{":
+                try:
+                    text = json.loads(row).get("instruction", row)
+                except (json.JSONDecodeError, AttributeError):
+                    text = row
+            texts.append(str(text))
+            idx.append(i)
+        vectors: list = [None] * len(rows)
+        self._in_flight += 1
+        self._report()
+        try:
+            if texts:
+                for i, vec in zip(idx, await self.backend.embed_batch(texts)):
+                    vectors[i] = vec
+        except Exception as exc:
+            for i in idx:
+                errors[i] = f"{type(exc).__name__}: {exc}"
+        finally:
+            self._in_flight -= 1
+            self._total += len(rows)
+            self._last_work = time.time()
+            self._report()
+        return Response(content=_arrow.encode_embeddings(vectors, errors), media_type=_arrow.CONTENT_TYPE)
+
+    def __del__(self) -> None:
+        try:
+            self.backend.close()
+        except Exception:
+            pass
+
+
+def _node_ip() -> str:
+    try:
+        import ray
+
+        return ray.util.get_node_ip_address()
+    except Exception:
+        return "127.0.0.1"
+
+
+__all__ = ["ModelWorker", "resolve_model_dir"]
