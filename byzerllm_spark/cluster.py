@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -152,10 +153,17 @@ def _start_serve(http_host: str, http_port: int | None) -> str:
         http_port = DEFAULT_HTTP_PORT if _port_free(http_host, DEFAULT_HTTP_PORT) else _free_port(http_host)
     elif http_port == 0:
         http_port = _free_port(http_host)
-    try:
-        serve.start(http_options={"host": http_host, "port": http_port, "location": "HeadOnly"})
-    except Exception as exc:
-        raise ClusterError(f"cannot start Ray Serve on {http_host}:{http_port}: {exc}") from exc
+    for attempt in range(3):
+        try:
+            serve.start(proxy_location="HeadOnly", http_options={"host": http_host, "port": http_port})
+            break
+        except Exception as exc:
+            # On a loaded machine the proxy can miss its first readiness check; Serve then
+            # kills it. Starting again usually succeeds.
+            if attempt == 2:
+                raise ClusterError(f"cannot start Ray Serve on {http_host}:{http_port}: {exc}") from exc
+            logger.warning("Serve did not start (%s); retrying", str(exc).splitlines()[0])
+            time.sleep(2)
     endpoint = f"http://{'127.0.0.1' if http_host in ('0.0.0.0', 'localhost') else http_host}:{http_port}"
     internal_kv._internal_kv_put(_KV_ENDPOINT, endpoint.encode(), overwrite=True, namespace=NAMESPACE)
     return endpoint

@@ -24,12 +24,14 @@ Why the table is written this way: ``deltalake.write_deltalake`` buffers what it
 ``pyarrow.parquet.ParquetWriter``, one row group at a time, and committed with delta-rs's
 transaction API (``create_table_with_add_actions`` / ``create_write_transaction``).
 
-Why 4 MiB chunks (the default): Parquet and Arrow limit a binary column chunk and an Arrow binary
-array to 2 GiB (int32 offsets), Spark's vectorized reader holds a row group's batch in column
-vectors indexed by int, and the whole row group is read into memory by every reader. Chunks of
-4 MiB grouped 8 to a row group (32 MiB) keep every one of those far below its limit and keep
-memory small on save and load, while the per-chunk cost (a hash call, a write call, a row)
-is negligible at ~256 rows per GB.
+Why 4 MiB chunks (the default): a Parquet page and an Arrow ``binary`` array hold at most 2 GiB
+(int32 sizes and offsets); Spark's vectorized reader puts a whole row group's batch in column
+vectors indexed by int, a Spark row must stay well under 2 GB, and a row sent to the driver or
+over Spark Connect must fit a 128 MiB message; and every reader holds a whole row group in
+memory. Chunks of 4 MiB, two to a row group (8 MiB), keep all of these far below their limits
+and keep save and load memory to a few row groups, while the cost per chunk (a hash call, a
+write call, a row) is negligible at 256 rows per GB. Larger chunks (up to 256 MiB) are
+accepted; each then gets its own row group.
 
 Importing this module is cheap: deltalake and pyarrow are imported inside the functions.
 """
@@ -38,10 +40,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import os
+import queue
 import re
 import shutil
+import stat
 import threading
 import time
 import uuid
@@ -77,7 +82,7 @@ MAX_CHUNK_SIZE = 256 << 20
 
 MIN_CHUNK_SIZE = 1 << 10
 
-_ROW_GROUP_BYTES = 32 << 20  # bytes of chunk data per Parquet row group (and per save batch)
+_ROW_GROUP_BYTES = 8 << 20  # bytes of chunk data per Parquet row group (and per save batch)
 _FILE_BYTES = 256 << 20  # roll to a new Parquet file after this many bytes
 _COMMIT_KEY = "byzerllm"  # key of our entry in the Delta commit info
 _FORMAT = "byzerllm-model-table/1"
@@ -91,6 +96,7 @@ _SPARK_DDL = (
     "path STRING, chunk_index BIGINT, offset BIGINT, length BIGINT, sha256 STRING, "
     "file_size BIGINT, file_digest STRING, data BINARY"
 )
+_EMPTY_SHA256 = hashlib.sha256(b"").digest()
 _NAME_RE = re.compile(r"`?([A-Za-z_][A-Za-z0-9_]*)\.([A-Za-z_][A-Za-z0-9_]*)`?")
 _URI_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://")
 
@@ -154,7 +160,8 @@ def resolve_table_uri(table: str | os.PathLike[str], warehouse: str | None = Non
         )
     text = table.strip()
     if _URI_RE.match(text):
-        return text.rstrip("/") if len(text.rstrip("/")) > len(text.split("://")[0]) + 3 else text
+        scheme, sep, rest = text.partition("://")
+        return scheme + sep + (rest.rstrip("/") or rest)  # one spelling per table: one cache key
     match = _NAME_RE.fullmatch(text)
     if match:
         root = _warehouse_root(warehouse)
@@ -168,7 +175,8 @@ def resolve_table_uri(table: str | os.PathLike[str], warehouse: str | None = Non
 def _warehouse_root(warehouse: str | os.PathLike[str] | None) -> str:
     if warehouse is None:
         warehouse = os.environ.get(_WAREHOUSE_ENV) or _DEFAULT_WAREHOUSE
-    warehouse = os.fspath(warehouse)
+    if isinstance(warehouse, os.PathLike):
+        warehouse = os.fspath(warehouse)
     if not isinstance(warehouse, str) or not warehouse.strip():
         raise ConfigError(
             bad_value("warehouse", warehouse, "pass a directory path or URI for model tables")
@@ -236,8 +244,7 @@ def _open(table: Any, uri: str, version: int | None):
         latest = DeltaTable(uri)
     except TableNotFoundError as exc:
         raise ModelNotFoundError(f"{_describe(table, uri)} does not exist: {exc}") from exc
-    names = set(latest.schema().to_arrow().names) if False else _field_names(latest)
-    missing = [c for c in _COLUMNS if c not in names]
+    missing = [c for c in _COLUMNS if c not in _field_names(latest)]
     if missing:
         raise ModelTableError(
             f"{_describe(table, uri)} is a Delta table but not a model table (no columns "
@@ -263,9 +270,13 @@ def _field_names(dt) -> set[str]:
     return {f.name for f in dt.schema().fields}
 
 
-def _commit_info(dt, version: int) -> dict[str, Any]:
+def _commit_info(uri: str, version: int) -> dict[str, Any]:
     """Our ``byzerllm`` commit entry for ``version`` ({} when that commit is not ours)."""
-    for entry in dt.history():
+    from deltalake import DeltaTable
+
+    # history() of a table opened at an old version numbers the latest commits from that
+    # version downwards (deltalake 1.6), so ask the latest snapshot.
+    for entry in DeltaTable(uri).history():
         if entry.get("version") == version:
             info = entry.get(_COMMIT_KEY)
             return info if isinstance(info, dict) else {}
@@ -310,21 +321,19 @@ class _SourceFile:
     rel: str
     abspath: str
     size: int
-    fd: int = -1
     digests: list[bytes] = field(default_factory=list)
 
 
 def _scan_model_dir(model_dir: str) -> list[_SourceFile]:
     """Regular files under ``model_dir`` (symlinks followed, as in Hugging Face snapshots)."""
     files: list[_SourceFile] = []
-    seen_dirs: set[str] = set()
     for root, dirs, names in os.walk(model_dir, followlinks=True):
         real = os.path.realpath(root)
-        if real in seen_dirs:  # a symlink cycle
-            dirs[:] = []
-            continue
-        seen_dirs.add(real)
-        dirs.sort()
+        # A symlinked directory that leads back to an ancestor would make the walk endless.
+        dirs[:] = sorted(
+            d for d in dirs
+            if not (real + os.sep).startswith(os.path.realpath(os.path.join(root, d)) + os.sep)
+        )
         for name in sorted(names):
             full = os.path.join(root, name)
             rel = os.path.relpath(full, model_dir).replace(os.sep, "/")
@@ -335,9 +344,7 @@ def _scan_model_dir(model_dir: str) -> list[_SourceFile]:
                     f"{full!r} in model_dir disappeared or is a broken symlink; fix the model "
                     f"directory and save again"
                 ) from exc
-            import stat as _stat
-
-            if not _stat.S_ISREG(st.st_mode):
+            if not stat.S_ISREG(st.st_mode):
                 raise ModelTableError(
                     f"{full!r} in model_dir is not a regular file (a socket, FIFO or device); "
                     f"remove it from the model directory and save again"
@@ -347,17 +354,31 @@ def _scan_model_dir(model_dir: str) -> list[_SourceFile]:
     return files
 
 
-def _read_chunk(fd: int, view: memoryview, offset: int) -> bytes:
-    """Read ``len(view)`` bytes at ``offset`` into ``view`` and return their sha256."""
-    done = 0
-    while done < len(view):
-        n = os.preadv(fd, [view[done:]], offset + done)
-        if n == 0:
+def _read_chunk(path: str, view: memoryview, offset: int, size: int, last: bool) -> bytes:
+    """Read ``len(view)`` bytes of ``path`` at ``offset`` into ``view``; return their sha256.
+
+    Each task opens the file itself, so no descriptors are held between batches (a model with
+    thousands of small files cannot run out of them) and tasks run in parallel threads: preadv
+    and sha256 release the GIL.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise ModelTableError(f"cannot read {path!r} from model_dir: {exc}") from exc
+    try:
+        done = 0
+        while done < len(view):
+            n = os.preadv(fd, [view[done:]], offset + done)
+            if n == 0:
+                break
+            done += n
+        if done < len(view) or (last and os.fstat(fd).st_size != size):
             raise ModelTableError(
-                f"unexpected end of file at offset {offset + done}: a file shrank while it was "
-                f"being saved; save again once the model directory is no longer being written"
+                f"{path!r} changed size while it was being saved; save again once the model "
+                f"directory is no longer being written"
             )
-        done += n
+    finally:
+        os.close(fd)
     return hashlib.sha256(view).digest()
 
 
@@ -416,15 +437,17 @@ class _ParquetSink:
                 store_schema=False,
             )
             self._bytes = 0
-            self._stats = {"n": 0, "min": None, "max": None, "no_digest": 0}
+            self._stats = {}
         self._writer.write_batch(batch, row_group_size=batch.num_rows)
         self._bytes += meta["bytes"]
         st = self._stats
-        st["n"] += batch.num_rows
-        st["no_digest"] += meta["no_digest"]
-        lo, hi = meta["min"], meta["max"]
-        st["min"] = lo if st["min"] is None else min(st["min"], lo)
-        st["max"] = hi if st["max"] is None else max(st["max"], hi)
+        if not st:
+            st.update(meta)
+        else:
+            st["rows"] += meta["rows"]
+            st["no_digest"] += meta["no_digest"]
+            for key, pick in (("min_path", min), ("max_path", max), ("min_chunk", min), ("max_chunk", max)):
+                st[key] = pick(st[key], meta[key])
         if self._bytes >= _FILE_BYTES:
             self.close_file()
 
@@ -441,15 +464,12 @@ class _ParquetSink:
         st = self._stats
         # Exact (untruncated) min/max, so Delta readers may skip files on path predicates.
         stats = {
-            "numRecords": st["n"],
-            "minValues": {"path": st["min"][0], "chunk_index": st["min"][1]},
-            "maxValues": {"path": st["max"][0], "chunk_index": st["max"][1]},
-            "nullCount": {c: 0 for c in _COLUMNS if c != "file_digest"}
+            "numRecords": st["rows"],
+            "minValues": {"path": st["min_path"], "chunk_index": st["min_chunk"]},
+            "maxValues": {"path": st["max_path"], "chunk_index": st["max_chunk"]},
+            "nullCount": {c: 0 for c in _COLUMNS if c not in ("file_digest", "data")}
             | {"file_digest": st["no_digest"]},
         }
-        # min/max of (path, chunk_index) pairs are not per-column min/max of chunk_index.
-        stats["minValues"]["chunk_index"] = st["min_chunk"] if "min_chunk" in st else 0
-        stats["maxValues"]["chunk_index"] = st.get("max_chunk", st["max"][1])
         self.adds.append(
             AddAction(self._name, int(size), {}, int(time.time() * 1000), True, json.dumps(stats))
         )
@@ -560,47 +580,53 @@ def save_model_table(
     try:
         with ThreadPoolExecutor(_threads(), thread_name_prefix="model-table-read") as pool, \
                 ThreadPoolExecutor(1, thread_name_prefix="model-table-write") as writer:
+            # Three buffers in turn: batch n+1 is read and hashed while batch n is collected and
+            # batch n-1 is encoded by the writer. Memory stays at three row groups whatever
+            # the model size, and reusing buffers saves the page faults of fresh allocations.
+            buffers = [pa.allocate_buffer(rows_per_group * chunk_size) for _ in range(3)]
             pending: Future | None = None
-            for plan in _batched(_chunk_plan(files, chunk_size), rows_per_group):
-                batch, meta = _read_batch(plan, pool, pa, schema)
-                if pending is not None:
-                    pending.result()  # at most one batch waits for the writer: bounded memory
-                pending = writer.submit(sink.write, batch, meta)
+            reading: _PendingBatch | None = None
+            plans = _batched(_chunk_plan(files, chunk_size), rows_per_group)
+            for n, plan in enumerate(itertools.chain(plans, [None])):
+                ahead = _PendingBatch(plan, pool, buffers[n % 3]) if plan is not None else None
+                if reading is not None:
+                    batch, meta = reading.collect(pa, schema)
+                    if pending is not None:
+                        pending.result()
+                    pending = writer.submit(sink.write, batch, meta)
+                reading = ahead
             if pending is not None:
                 pending.result()
         sink.close_file()
-        info = {
-            "format": _FORMAT,
-            "saveId": save_id,
-            "files": len(files),
-            "bytes": total,
-            "chunkSize": chunk_size,
-            "source": src,
-            "metadata": user_meta,
-        }
-        props = CommitProperties(custom_metadata={_COMMIT_KEY: info})
-        if exists:
-            DeltaTable(uri).create_write_transaction(
-                sink.adds, mode="overwrite", schema=schema, commit_properties=props
-            )
-        else:
-            create_table_with_add_actions(
-                uri,
-                Schema.from_arrow(schema),
-                sink.adds,
-                mode="error",
-                name=os.path.basename(uri.rstrip("/")) or None,
-                description="byzerllm-spark model table: one row per chunk of each model file",
-                commit_properties=props,
-            )
     except BaseException:
-        sink.abort()
+        sink.abort()  # nothing refers to these files yet: remove them
         raise
-    finally:
-        for f in files:
-            if f.fd >= 0:
-                os.close(f.fd)
-                f.fd = -1
+    # From here on the data files are kept even if the commit fails: once the commit may have
+    # reached the log, deleting them could break the version it made.
+    info = {
+        "format": _FORMAT,
+        "saveId": save_id,
+        "files": len(files),
+        "bytes": total,
+        "chunkSize": chunk_size,
+        "source": src,
+        "metadata": user_meta,
+    }
+    props = CommitProperties(custom_metadata={_COMMIT_KEY: info})
+    if exists:
+        DeltaTable(uri).create_write_transaction(
+            sink.adds, mode="overwrite", schema=schema, commit_properties=props
+        )
+    else:
+        create_table_with_add_actions(
+            uri,
+            Schema.from_arrow(schema),
+            sink.adds,
+            mode="error",
+            name=os.path.basename(uri.rstrip("/")) or None,
+            description="byzerllm-spark model table: one row per chunk of each model file",
+            commit_properties=props,
+        )
     return _version_of_save(uri, save_id)
 
 
@@ -624,72 +650,85 @@ def _source_dir(model_dir: Any) -> str:
     return path
 
 
-def _read_batch(plan: list[tuple], pool: ThreadPoolExecutor, pa, schema):
-    """Read and hash the chunks of one row group in parallel; return (RecordBatch, stats)."""
-    sizes = [length for _, _, _, length in plan]
-    buf = bytearray(sum(sizes))
-    view = memoryview(buf)
-    starts = [0]
-    for s in sizes:
-        starts.append(starts[-1] + s)
-    for f, _, _, _ in plan:
-        if f.fd < 0:
-            f.fd = os.open(f.abspath, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    futures = [
-        pool.submit(_read_chunk, f, view[starts[i] : starts[i + 1]], offset) if length else None
-        for i, (f, _, offset, length) in enumerate(plan)
-    ]
-    paths, indexes, offsets, lengths, shas, fsizes, fdigests = [], [], [], [], [], [], []
-    no_digest = 0
-    for (f, index, offset, length), fut in zip(plan, futures):
+class _PendingBatch:
+    """The chunks of one row group, being read into ``buffer`` and hashed by ``pool``."""
+
+    def __init__(self, plan: list[tuple], pool: ThreadPoolExecutor, buffer) -> None:
+        self.plan = plan
+        self.starts = starts = [0]
+        for _, _, _, length in plan:
+            starts.append(starts[-1] + length)
+        self.buffer = buffer.slice(0, starts[-1])
+        view = memoryview(buffer)[: starts[-1]]
+        self.futures = [
+            pool.submit(
+                _read_chunk, f.abspath, view[starts[i] : starts[i + 1]], offset, f.size,
+                offset + length >= f.size,
+            )
+            if length
+            else None
+            for i, (f, _, offset, length) in enumerate(plan)
+        ]
+
+    def cancel(self) -> None:
+        for fut in self.futures:
+            if fut is not None:
+                fut.cancel()
+
+    def collect(self, pa, schema):
+        """Wait for the chunks; return (RecordBatch pointing into the buffer, file stats)."""
         try:
-            digest = fut.result() if fut is not None else hashlib.sha256(b"").digest()
-        except ModelTableError as exc:
-            raise ModelTableError(f"{f.abspath!r}: {exc}") from exc
-        f.digests.append(digest)
-        last = offset + length >= f.size
-        if last:
-            if os.fstat(f.fd).st_size != f.size:
-                raise ModelTableError(
-                    f"{f.abspath!r} changed size while it was being saved; save again once the "
-                    f"model directory is no longer being written"
-                )
-            fdigests.append(hashlib.sha256(b"".join(f.digests)).hexdigest())
-            os.close(f.fd)
-            f.fd = -1
-            f.digests = []
-        else:
-            fdigests.append(None)
-            no_digest += 1
-        paths.append(f.rel)
-        indexes.append(index)
-        offsets.append(offset)
-        lengths.append(length)
-        shas.append(digest.hex())
-        fsizes.append(f.size)
-    data = pa.Array.from_buffers(
-        pa.binary(), len(plan), [None, pa.array(starts, pa.int32()).buffers()[1], pa.py_buffer(buf)]
-    )
-    batch = pa.record_batch(
-        [
-            pa.array(paths, pa.string()),
-            pa.array(indexes, pa.int64()),
-            pa.array(offsets, pa.int64()),
-            pa.array(lengths, pa.int64()),
-            pa.array(shas, pa.string()),
-            pa.array(fsizes, pa.int64()),
-            pa.array(fdigests, pa.string()),
-            data,
-        ],
-        schema=schema,
-    )
-    meta = {
-        "bytes": len(buf),
-        "no_digest": no_digest,
-        "min": min(zip(paths, indexes)),
-        "max": max(zip(paths, indexes)),
-    }
-    return batch, meta
+            return self._collect(pa, schema)
+        except BaseException:
+            self.cancel()
+            raise
+
+    def _collect(self, pa, schema):
+        plan, starts = self.plan, self.starts
+        paths, indexes, offsets, lengths, shas, fsizes, fdigests = [], [], [], [], [], [], []
+        no_digest = 0
+        for (f, index, offset, length), fut in zip(plan, self.futures):
+            digest = fut.result() if fut is not None else _EMPTY_SHA256
+            f.digests.append(digest)
+            if offset + length >= f.size:  # the file's last chunk: its digest is now known
+                fdigests.append(hashlib.sha256(b"".join(f.digests)).hexdigest())
+                f.digests = []
+            else:
+                fdigests.append(None)
+                no_digest += 1
+            paths.append(f.rel)
+            indexes.append(index)
+            offsets.append(offset)
+            lengths.append(length)
+            shas.append(digest.hex())
+            fsizes.append(f.size)
+        buf = self.buffer
+        data = pa.Array.from_buffers(
+            pa.binary(), len(plan), [None, pa.array(starts, pa.int32()).buffers()[1], buf]
+        )
+        batch = pa.record_batch(
+            [
+                pa.array(paths, pa.string()),
+                pa.array(indexes, pa.int64()),
+                pa.array(offsets, pa.int64()),
+                pa.array(lengths, pa.int64()),
+                pa.array(shas, pa.string()),
+                pa.array(fsizes, pa.int64()),
+                pa.array(fdigests, pa.string()),
+                data,
+            ],
+            schema=schema,
+        )
+        meta = {
+            "bytes": starts[-1],
+            "rows": len(plan),
+            "no_digest": no_digest,
+            "min_path": min(paths),
+            "max_path": max(paths),
+            "min_chunk": min(indexes),
+            "max_chunk": max(indexes),
+        }
+        return batch, meta
 
 
 def _version_of_save(uri: str, save_id: str) -> int:
@@ -710,7 +749,8 @@ def _version_of_save(uri: str, save_id: str) -> int:
 def _cache_root(cache_dir: str | os.PathLike[str] | None) -> str:
     if cache_dir is None:
         cache_dir = os.environ.get(_CACHE_ENV) or _DEFAULT_CACHE
-    cache_dir = os.fspath(cache_dir)
+    if isinstance(cache_dir, os.PathLike):
+        cache_dir = os.fspath(cache_dir)
     if not isinstance(cache_dir, str) or not cache_dir.strip() or _URI_RE.match(cache_dir):
         raise ConfigError(bad_value("cache_dir", cache_dir, "pass a local directory"))
     return os.path.abspath(os.path.expanduser(cache_dir))
@@ -774,10 +814,13 @@ def load_model_table(
         >>> path = load_model_table("ai_model.smollm2", version=0)  # doctest: +SKIP
     """
     version = _check_version(version)
+    root = _cache_root(cache_dir)
     uri = resolve_table_uri(table, warehouse)
     dt = _open(table, uri, version)
     version = dt.version()
-    key_dir = os.path.join(_cache_root(cache_dir), _cache_key(uri, dt.metadata().id))
+    # The table id changes when a table is deleted and saved again at the same place, so a
+    # stale cache of the old table's "v0" is never returned for the new one.
+    key_dir = os.path.join(root, _cache_key(uri, dt.metadata().id))
     final = os.path.join(key_dir, f"v{version}")
     if os.path.isdir(final):
         return final
@@ -805,159 +848,224 @@ def load_model_table(
 class _TargetFile:
     fd: int
     size: int
+    submitted: int = 0
     written: int = 0
-    digests: dict[int, tuple[int, int, bytes]] = field(default_factory=dict)
+    chunks: dict[int, tuple[int, int, bytes]] = field(default_factory=dict)  # index -> (offset, length, sha)
     expected: str | None = None
 
 
 def _safe_rel(path: Any, where: str) -> str:
     """Reject absolute paths and ``..`` so a table cannot write outside the target directory."""
     parts = path.split("/") if isinstance(path, str) else []
-    if not parts or path.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\\" in path:
+    if not parts or path.startswith("/") or "\\" in path or any(p in ("", ".", "..") for p in parts):
         raise ModelTableError(f"{where}: unsafe file path {path!r} in the table; refusing to write it")
     return path
 
 
+_DONE = object()
+
+
 def _iter_row_groups(paths: list[str]) -> Iterator[tuple[str, Any]]:
-    """(parquet file, RecordBatch) for every row group, read one ahead in a background thread."""
+    """(parquet file, Table) per row group; a background thread reads the next one meanwhile.
+
+    At most three row groups are alive (being read, queued, being written): memory stays
+    bounded by the row group size, not the model size.
+    """
     import pyarrow.parquet as pq
 
-    def read(path: str, rg: int):
-        fs, inner = _filesystem(path)
-        with fs.open_input_file(inner) as handle:
-            return pq.ParquetFile(handle).read_row_group(rg, columns=list(_COLUMNS))
+    out: queue.Queue = queue.Queue(maxsize=1)
+    stop = threading.Event()
 
-    def groups() -> Iterator[tuple[str, int]]:
-        for path in paths:
-            fs, inner = _filesystem(path)
-            with fs.open_input_file(inner) as handle:
-                n = pq.ParquetFile(handle).metadata.num_row_groups
-            for rg in range(n):
-                yield path, rg
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                out.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
-    with ThreadPoolExecutor(1, thread_name_prefix="model-table-prefetch") as pool:
-        pending: tuple[str, Future] | None = None
-        for path, rg in groups():
-            fut = pool.submit(read, path, rg)
-            if pending is not None:
-                yield pending[0], pending[1].result()
-            pending = (path, fut)
-        if pending is not None:
-            yield pending[0], pending[1].result()
+    def produce() -> None:
+        try:
+            for path in paths:
+                fs, inner = _filesystem(path)
+                with fs.open_input_file(inner) as handle:
+                    pf = pq.ParquetFile(handle)
+                    for rg in range(pf.metadata.num_row_groups):
+                        if not put((path, pf.read_row_group(rg, columns=list(_COLUMNS)))):
+                            return
+            put(_DONE)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which raises it
+            put(exc)
 
-
-def _materialise(dt, table: Any, uri: str, version: int, target: str) -> None:
-    where = f"{_describe(table, uri)} version {version}"
-    info = _commit_info(dt, version)
-    files: dict[str, _TargetFile] = {}
-    lock = threading.Lock()
-
-    def write_chunk(tf: _TargetFile, rel: str, index: int, offset: int, mv: memoryview, sha: str) -> None:
-        got = hashlib.sha256(mv)
-        if got.hexdigest() != sha:
-            raise ChecksumError(
-                f"{where} is corrupt: chunk {index} of file {rel!r} (offset {offset}, "
-                f"{len(mv)} bytes) has sha256 {got.hexdigest()} but the table records {sha}; "
-                f"nothing was written to the cache. Load another version (version=...) or save "
-                f"the model again"
-            )
-        done = 0
-        while done < len(mv):
-            done += os.pwrite(tf.fd, mv[done:], offset + done)
-        with lock:
-            tf.written += len(mv)
-
+    thread = threading.Thread(target=produce, name="model-table-prefetch", daemon=True)
+    thread.start()
     try:
-        with ThreadPoolExecutor(_threads(), thread_name_prefix="model-table-write") as pool:
-            for parquet_path, group in _iter_row_groups(dt.file_uris()):
-                futures = []
-                for batch in group.to_batches():
-                    futures.extend(_submit_batch(batch, parquet_path, where, target, files, pool, write_chunk))
-                for fut in futures:
-                    fut.result()  # a ChecksumError surfaces here; finally closes the files
-        _verify_files(files, where, info)
+        while True:
+            item = out.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
     finally:
-        for tf in files.values():
+        stop.set()
+        thread.join()
+
+
+class _Materialiser:
+    """Writes verified chunks of one table version into a directory."""
+
+    def __init__(self, where: str, target: str, pool: ThreadPoolExecutor) -> None:
+        self.where = where
+        self.target = target
+        self.pool = pool
+        self.files: dict[str, _TargetFile] = {}
+        self.lock = threading.Lock()
+
+    def close(self) -> None:
+        for tf in self.files.values():
             if tf.fd >= 0:
                 os.close(tf.fd)
                 tf.fd = -1
 
-
-def _submit_batch(batch, parquet_path, where, target, files, pool, write_chunk) -> list[Future]:
-    import pyarrow as pa
-
-    cols = {name: batch.column(name) for name in _COLUMNS}
-    data = cols["data"]
-    if data.null_count:
-        raise ModelTableError(f"{where}: {parquet_path} has null chunk data; the table is corrupt")
-    _, obuf, dbuf = data.buffers()
-    fmt = "q" if pa.types.is_large_binary(data.type) else "i"
-    offs = memoryview(obuf).cast("B").cast(fmt)
-    base = data.offset
-    blob = memoryview(dbuf) if dbuf is not None else memoryview(b"")
-    paths = cols["path"].to_pylist()
-    indexes = cols["chunk_index"].to_pylist()
-    offsets = cols["offset"].to_pylist()
-    lengths = cols["length"].to_pylist()
-    shas = cols["sha256"].to_pylist()
-    sizes = cols["file_size"].to_pylist()
-    fdigests = cols["file_digest"].to_pylist()
-    futures = []
-    for i, rel in enumerate(paths):
-        tf = files.get(rel)
-        if tf is None:
-            _safe_rel(rel, where)
-            dest = os.path.join(target, *rel.split("/"))
-            os.makedirs(os.path.dirname(dest), exist_ok=True)
-            fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
-            tf = files[rel] = _TargetFile(fd, sizes[i])
-        start, end = offs[base + i], offs[base + i + 1]
-        index, offset, length = indexes[i], offsets[i], lengths[i]
-        if end - start != length or sizes[i] != tf.size or offset < 0 or offset + length > tf.size:
-            raise ModelTableError(
-                f"{where}: chunk {index} of file {rel!r} has inconsistent offset/length/size "
-                f"({offset}/{length}/{sizes[i]}); the table is corrupt"
-            )
-        if index in tf.digests:
-            raise ModelTableError(f"{where}: chunk {index} of file {rel!r} appears twice; the table is corrupt")
-        tf.digests[index] = (offset, length, bytes.fromhex(shas[i]))
-        if fdigests[i] is not None:
-            tf.expected = fdigests[i]
-        futures.append(pool.submit(write_chunk, tf, rel, index, offset, blob[start:end], shas[i]))
-    return futures
-
-
-def _verify_files(files: dict[str, _TargetFile], where: str, info: dict[str, Any]) -> None:
-    for rel, tf in files.items():
-        order = sorted(tf.digests)
-        contiguous = order == list(range(len(order)))
-        position = 0
-        for index in order:
-            offset, length, _ = tf.digests[index]
-            contiguous = contiguous and offset == position
-            position += length
-        if not contiguous or position != tf.size or tf.written != tf.size:
-            raise ModelTableError(
-                f"{where} is incomplete: file {rel!r} has {position} of {tf.size} bytes in "
-                f"chunks {order[:5]}{'...' if len(order) > 5 else ''}; the table is corrupt"
-            )
-        digest = hashlib.sha256(b"".join(tf.digests[i][2] for i in order)).hexdigest()
-        if tf.expected is None or digest != tf.expected:
-            raise ChecksumError(
-                f"{where} is corrupt: file {rel!r} has digest {digest} but the table records "
-                f"{tf.expected}; nothing was written to the cache. Load another version or save "
-                f"the model again"
-            )
-    want_files, want_bytes = info.get("files"), info.get("bytes")
-    got_bytes = sum(tf.size for tf in files.values())
-    if (want_files is not None and want_files != len(files)) or (
-        want_bytes is not None and want_bytes != got_bytes
-    ):
-        raise ModelTableError(
-            f"{where} is incomplete: its commit records {want_files} files / {want_bytes} bytes "
-            f"but the data files hold {len(files)} files / {got_bytes} bytes (a data file may "
-            f"have been deleted); load another version or save the model again"
+    def _corrupt(self, what: str) -> ModelTableError:
+        return ModelTableError(
+            f"{self.where} is corrupt: {what}; load another version (version=...) or save the "
+            f"model again"
         )
+
+    def write_chunk(self, tf: _TargetFile, rel: str, index: int, offset: int, mv: memoryview, sha: str) -> None:
+        got = hashlib.sha256(mv).hexdigest()
+        if got != sha:
+            raise ChecksumError(
+                f"{self.where} is corrupt: chunk {index} of file {rel!r} (offset {offset}, "
+                f"{len(mv)} bytes) has sha256 {got} but the table records {sha}; nothing was "
+                f"written to the cache. Load another version (version=...) or save the model again"
+            )
+        done = 0
+        while done < len(mv):
+            done += os.pwrite(tf.fd, mv[done:], offset + done)
+        with self.lock:
+            tf.written += len(mv)
+            if tf.written == tf.size:  # every byte of the file is in: free its descriptor
+                os.close(tf.fd)
+                tf.fd = -1
+
+    def submit(self, batch, parquet_path: str) -> list[Future]:
+        """Check one record batch's rows and queue their chunks; return the write futures."""
+        import pyarrow as pa
+
+        data = batch.column("data")
+        if data.null_count:
+            raise self._corrupt(f"{parquet_path} has null chunk data")
+        if not (pa.types.is_binary(data.type) or pa.types.is_large_binary(data.type)):
+            raise self._corrupt(f"{parquet_path} has chunk data of type {data.type}, not binary")
+        # Zero-copy: slice the Arrow data buffer instead of making a bytes object per chunk.
+        _, obuf, dbuf = data.buffers()
+        otype = pa.int64() if pa.types.is_large_binary(data.type) else pa.int32()
+        bounds = pa.Array.from_buffers(otype, len(data) + 1, [None, obuf], offset=data.offset).to_pylist()
+        blob = memoryview(dbuf) if dbuf is not None else memoryview(b"")
+        cols = [batch.column(c).to_pylist() for c in _COLUMNS[:-1]]
+        futures = []
+        for i, (rel, index, offset, length, sha, size, fdigest) in enumerate(zip(*cols)):
+            tf = self.files.get(rel)
+            if tf is None:
+                _safe_rel(rel, self.where)
+                dest = os.path.join(self.target, *rel.split("/"))
+                os.makedirs(os.path.dirname(dest), exist_ok=True)
+                flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
+                tf = self.files[rel] = _TargetFile(os.open(dest, flags, 0o644), size)
+            start, end = bounds[i], bounds[i + 1]
+            if (
+                end - start != length
+                or size != tf.size
+                or offset < 0
+                or offset + length > tf.size
+                or tf.submitted + length > tf.size
+                or index in tf.chunks
+            ):
+                raise self._corrupt(
+                    f"chunk {index} of file {rel!r} (offset {offset}, length {length}, file size "
+                    f"{size}) does not fit the file's other chunks"
+                )
+            tf.chunks[index] = (offset, length, bytes.fromhex(sha))
+            tf.submitted += length
+            if fdigest is not None:
+                tf.expected = fdigest
+            futures.append(
+                self.pool.submit(self.write_chunk, tf, rel, index, offset, blob[start:end], sha)
+            )
+        return futures
+
+    def verify(self, info: dict[str, Any]) -> None:
+        """Every file complete and matching its digest; file and byte counts as committed."""
+        for rel, tf in self.files.items():
+            order = sorted(tf.chunks)
+            position, contiguous = 0, order == list(range(len(order)))
+            for index in order:
+                offset, length, _ = tf.chunks[index]
+                contiguous = contiguous and offset == position
+                position += length
+            if not contiguous or position != tf.size or tf.written != tf.size:
+                raise self._corrupt(
+                    f"file {rel!r} has {position} of its {tf.size} bytes in chunks "
+                    f"{order[:5]}{'...' if len(order) > 5 else ''}"
+                )
+            digest = hashlib.sha256(b"".join(tf.chunks[i][2] for i in order)).hexdigest()
+            if digest != tf.expected:
+                raise ChecksumError(
+                    f"{self.where} is corrupt: file {rel!r} has digest {digest} but the table "
+                    f"records {tf.expected}; nothing was written to the cache. Load another "
+                    f"version (version=...) or save the model again"
+                )
+        want_files, want_bytes = info.get("files"), info.get("bytes")
+        got_bytes = sum(tf.size for tf in self.files.values())
+        if (want_files is not None and want_files != len(self.files)) or (
+            want_bytes is not None and want_bytes != got_bytes
+        ):
+            raise self._corrupt(
+                f"its commit records {want_files} files / {want_bytes} bytes but its data files "
+                f"hold {len(self.files)} files / {got_bytes} bytes (a data file may be missing)"
+            )
+
+
+def _materialise(dt, table: Any, uri: str, version: int, target: str) -> None:
+    where = f"{_describe(table, uri)} version {version}"
+    info = _commit_info(uri, version)
+    with ThreadPoolExecutor(_threads(), thread_name_prefix="model-table-load") as pool:
+        m = _Materialiser(where, target, pool)
+        futures: list[Future] = []
+        try:
+            previous: list[Future] = []
+            for parquet_path, group in _iter_row_groups(dt.file_uris()):
+                current = []
+                for batch in group.to_batches():
+                    current.extend(m.submit(batch, parquet_path))
+                futures = previous + current
+                # Two row groups in flight keep every thread busy across the boundary; waiting
+                # for the older one keeps memory bounded.
+                for fut in previous:
+                    fut.result()
+                previous = current
+            futures = previous
+            for fut in previous:
+                fut.result()
+            m.verify(info)
+        except (OSError, ValueError) as exc:
+            if isinstance(exc, ModelTableError):  # pragma: no cover - ours are not OS/Value errors
+                raise
+            for fut in futures:
+                fut.cancel()
+            # pyarrow's errors (a missing or mangled data file) are OSError / ArrowInvalid.
+            raise ModelTableError(f"{where} cannot be read: {exc}; the table may be damaged") from exc
+        except BaseException:
+            for fut in futures:
+                fut.cancel()
+            raise
+        finally:
+            pool.shutdown(wait=True)
+            m.close()
 
 
 # --------------------------------------------------------------------------------------------

@@ -3,21 +3,28 @@
 Deploy it with ``pretrained_model_type="custom/echo"``. It answers each instruction with itself
 (prefixed by ``echo_prefix`` from ``infer_params``, default empty) and reports the keyword
 arguments it received in its metadata. It loads nothing, so it measures the serving path alone.
+
+``infer_params``: ``echo_prefix`` (text put before each answer), ``echo_init_seconds`` (sleep in
+``init_model``, to stand in for a slow model load), ``echo_delay_ms`` (sleep per answer, to stand in
+for model latency).
 """
 
 from __future__ import annotations
 
+import time
 import types
 from typing import Dict, List
 
 
 class EchoModel:
-    def __init__(self, prefix: str) -> None:
+    def __init__(self, prefix: str, delay_s: float) -> None:
         self.prefix = prefix
+        self.delay_s = delay_s
 
 
 def init_model(model_dir, infer_params: Dict[str, str] = {}, sys_conf: Dict[str, str] = {}):  # noqa: B006 (seed signature)
-    model = EchoModel(str(infer_params.get("echo_prefix", "")))
+    time.sleep(float(infer_params.get("echo_init_seconds", 0)))
+    model = EchoModel(str(infer_params.get("echo_prefix", "")), float(infer_params.get("echo_delay_ms", 0)) / 1000)
     model.stream_chat = types.MethodType(stream_chat, model)
     return model, None
 
@@ -32,6 +39,8 @@ def stream_chat(
     temperature: float = 0.1,
     **kwargs,
 ):
+    if self.delay_s:
+        time.sleep(self.delay_s)
     meta = {"history_turns": str(len(his))}
     for key, value in kwargs.items():
         meta[f"kw.{key}"] = str(value)

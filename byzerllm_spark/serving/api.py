@@ -46,8 +46,8 @@ def deploy(
         model: the deployment's unique name (seed 002's ``--model``); also its URL prefix.
         pretrained_model_type: ``custom/auto`` (built-in engines), ``custom/<plugin>``, a dotted
             module path of a seed 001 plugin, or (with the SaaS extra) ``saas/<vendor>``.
-        infer_backend: for ``custom/auto``: ``llama_cpp`` or ``transformers``; default
-            ``llama_cpp`` when installed.
+        infer_backend: for ``custom/auto``: ``transformers`` (default when installed) or
+            ``llama_cpp``.
         model_path: a Hugging Face model directory, a ``.gguf`` file or a directory holding one.
             None: the embedded SmolLM2-135M-Instruct.
         model_table: a Delta model table to materialise on each worker instead of model_path.
@@ -209,7 +209,11 @@ def _run(config: DeployConfig, wait_ready_timeout: float) -> None:
         .bind(config)
     )
     started = time.monotonic()
-    serve._run(app, _blocking=False, name=config.model, route_prefix=f"/{config.model}")
+    # Per-request access logs cost more than the echo model's work; errors are still logged.
+    logging_config = {"enable_access_log": False, "log_level": os.environ.get("BYZERLLM_LOG_LEVEL", "WARNING")}
+    serve._run(
+        app, _blocking=False, name=config.model, route_prefix=f"/{config.model}", logging_config=logging_config
+    )
     _wait_running(config, started, wait_ready_timeout)
 
 

@@ -1,0 +1,192 @@
+"""Save and load throughput of model tables against ``cp -r``, with peak RSS.
+
+Builds a model-like directory (a few large random "weight" files plus small JSON files, like a
+Hugging Face checkpoint), then, ``--repeat`` times in the same run:
+
+* ``cp -r`` of the directory (the yardstick),
+* "sha256 only": reading and hashing every byte on all cores, the floor of any verified copy,
+* ``save_model_table`` into a fresh table,
+* ``load_model_table`` into a fresh cache directory (verifying every checksum),
+
+each in its own subprocess, which reports its own wall time for the operation and its peak RSS
+(``VmHWM`` from /proc, else ``ru_maxrss``; the figure includes the interpreter and its imports,
+printed separately as "base"). Medians are printed. Every run reads from the page cache (the directory was just
+written), as does ``cp -r``; nothing is fsync'ed by either, and ``sync`` runs (untimed) before
+each operation so none pays for the previous one's writeback.
+
+Usage::
+
+    .venv/bin/python benchmarks/bench_model_table.py                # 1024 MB, 3 repeats
+    .venv/bin/python benchmarks/bench_model_table.py --size-mb 256 --repeat 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import filecmp
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+CHILD = r"""
+import json, os, resource, sys, time
+sys.path.insert(0, {root!r})
+from byzerllm_spark import model_table as mt
+import deltalake, pyarrow, pyarrow.parquet  # imported before the clock starts, as in a worker
+
+def peak_mb():
+    # VmHWM is this process's own high-water mark; ru_maxrss of a freshly spawned child can
+    # carry the parent's RSS over from fork (Linux keeps the pre-exec mm's hiwater).
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+base = peak_mb()
+op, args = sys.argv[1], json.loads(sys.argv[2])
+t0 = time.perf_counter()
+if op == "save":
+    result = mt.save_model_table(args["src"], args["table"], chunk_size=args["chunk_size"])
+elif op == "sha256":
+    # The floor of any verified copy: read every byte once and sha256 it, on all cores.
+    import hashlib
+    from concurrent.futures import ThreadPoolExecutor
+    size = args["chunk_size"]
+    def one(job):
+        path, offset = job
+        with open(path, "rb") as f:
+            f.seek(offset)
+            return hashlib.sha256(f.read(size)).digest()
+    jobs = [(os.path.join(d, n), o) for d, _, ns in os.walk(args["src"]) for n in ns
+            for o in range(0, max(1, os.path.getsize(os.path.join(d, n))), size)]
+    with ThreadPoolExecutor(os.cpu_count()) as pool:
+        result = len(list(pool.map(one, jobs)))
+else:
+    result = mt.load_model_table(args["table"], cache_dir=args["cache"])
+seconds = time.perf_counter() - t0
+peak = peak_mb()
+print(json.dumps({{"seconds": seconds, "peak_mb": peak, "base_mb": base, "result": result}}))
+"""
+
+
+def build_model_dir(path: str, size_mb: int) -> int:
+    """A checkpoint-shaped directory of about ``size_mb`` MB; returns its exact byte size."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    os.makedirs(path)
+    small = {
+        "config.json": {"architectures": ["LlamaForCausalLM"], "hidden_size": 2048, "num_hidden_layers": 24},
+        "generation_config.json": {"max_new_tokens": 256, "temperature": 0.7},
+        "special_tokens_map.json": {"bos_token": "<s>", "eos_token": "</s>"},
+        "tokenizer_config.json": {"model_max_length": 4096, "tokenizer_class": "LlamaTokenizer"},
+        "tokenizer.json": {"model": {"vocab": {f"tok{i}": i for i in range(60000)}}},
+        "model.safetensors.index.json": {"weight_map": {f"layer.{i}.weight": "model-00001.safetensors" for i in range(2000)}},
+    }
+    for name, obj in small.items():
+        with open(os.path.join(path, name), "w") as f:
+            json.dump(obj, f)
+    total = size_mb << 20
+    shares = [0.45, 0.30, 0.25]  # a few large shards of unequal size
+    for i, share in enumerate(shares):
+        remaining = int(total * share)
+        with open(os.path.join(path, f"model-{i + 1:05d}-of-{len(shares):05d}.safetensors"), "wb") as f:
+            while remaining:
+                n = min(remaining, 64 << 20)
+                f.write(rng.bytes(n))
+                remaining -= n
+    return sum(os.path.getsize(os.path.join(dp, n)) for dp, _, ns in os.walk(path) for n in ns)
+
+
+def run_child(op: str, **args) -> dict:
+    os.sync()  # start every timed operation with no dirty pages from the previous one
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD.format(root=ROOT), op, json.dumps(args)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise SystemExit(f"{op} failed:\n{proc.stderr}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def time_cp(src: str, dst: str) -> float:
+    os.sync()
+    t0 = time.perf_counter()
+    subprocess.run(["cp", "-r", src, dst], check=True)
+    return time.perf_counter() - t0
+
+
+def same_tree(a: str, b: str) -> bool:
+    cmp = filecmp.dircmp(a, b)
+    if cmp.left_only or cmp.right_only or cmp.funny_files:
+        return False
+    _, mismatch, errors = filecmp.cmpfiles(a, b, cmp.common_files, shallow=False)
+    return not mismatch and not errors and all(same_tree(os.path.join(a, d), os.path.join(b, d)) for d in cmp.common_dirs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size-mb", type=int, default=1024, help="model directory size (default 1024)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each operation (default 3)")
+    parser.add_argument("--chunk-size", type=int, default=4 << 20, help="bytes per chunk (default 4 MiB)")
+    parser.add_argument("--tmp", default=None, help="scratch directory (default: the system temp dir)")
+    args = parser.parse_args()
+
+    work = tempfile.mkdtemp(prefix="bench-model-table-", dir=args.tmp)
+    try:
+        src = os.path.join(work, "model")
+        size = build_model_dir(src, args.size_mb)
+        mb = size / 2**20
+        print(f"model dir: {mb:.0f} MB in {len(os.listdir(src))} files, chunk {args.chunk_size >> 20} MiB, "
+              f"{os.cpu_count()} CPUs, python {sys.version.split()[0]}")
+        cp_s, sha_s, save_s, load_s, save_rss, load_rss, base = [], [], [], [], [], [], []
+        for i in range(args.repeat):
+            dst = os.path.join(work, f"cp{i}")
+            cp_s.append(time_cp(src, dst))
+            shutil.rmtree(dst)
+            sha_s.append(run_child("sha256", src=src, chunk_size=args.chunk_size)["seconds"])
+
+            table = os.path.join(work, f"table{i}")
+            r = run_child("save", src=src, table=table, chunk_size=args.chunk_size)
+            save_s.append(r["seconds"])
+            save_rss.append(r["peak_mb"])
+            base.append(r["base_mb"])
+
+            cache = os.path.join(work, f"cache{i}")
+            r = run_child("load", table=table, cache=cache)
+            load_s.append(r["seconds"])
+            load_rss.append(r["peak_mb"])
+            if i == 0 and not same_tree(src, r["result"]):
+                raise SystemExit("loaded directory differs from the source")
+            shutil.rmtree(cache)
+            shutil.rmtree(table)
+
+        cp, sha, save, load = (statistics.median(x) for x in (cp_s, sha_s, save_s, load_s))
+        print(f"{'operation':<12}{'seconds':>9}{'MB/s':>9}{'vs cp -r':>10}{'vs sha256':>11}{'peak RSS MB':>13}")
+        print(f"{'cp -r':<12}{cp:>9.2f}{mb / cp:>9.0f}{1.0:>10.2f}{sha / cp:>11.2f}{'-':>13}")
+        print(f"{'sha256 only':<12}{sha:>9.2f}{mb / sha:>9.0f}{cp / sha:>10.2f}{1.0:>11.2f}{'-':>13}")
+        print(f"{'save':<12}{save:>9.2f}{mb / save:>9.0f}{cp / save:>10.2f}{sha / save:>11.2f}{max(save_rss):>13.0f}")
+        print(f"{'load':<12}{load:>9.2f}{mb / load:>9.0f}{cp / load:>10.2f}{sha / load:>11.2f}{max(load_rss):>13.0f}")
+        print(f"(medians of {args.repeat}; peak RSS is the max over runs and includes the "
+              f"{statistics.median(base):.0f} MB of a Python process with pyarrow and deltalake imported)")
+        print("runs (cp/sha256/save/load seconds):",
+              "; ".join(f"{c:.2f}/{h:.2f}/{s:.2f}/{l:.2f}" for c, h, s, l in zip(cp_s, sha_s, save_s, load_s)))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

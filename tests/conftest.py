@@ -1,0 +1,56 @@
+"""Test tiers: pure unit tests need nothing; `cluster` starts one embedded Ray + Serve for the
+session; `spark` starts one local SparkSession for the session. Both are stopped at the end."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    import byzerllm_spark as bls
+
+    info = bls.init(http_port=0, include_dashboard=False)
+    yield info
+    for model in bls.list_models():
+        bls.undeploy(model)
+    bls.shutdown()
+
+
+@pytest.fixture(scope="session")
+def spark(cluster):
+    from pyspark.sql import SparkSession
+
+    session = (
+        SparkSession.builder.master("local[2]")
+        .appName("byzerllm-spark-tests")
+        .config("spark.ui.enabled", "false")
+        .config("spark.sql.shuffle.partitions", "2")
+        .config("spark.driver.memory", "2g")
+        .getOrCreate()
+    )
+    yield session
+    session.stop()
+
+
+@pytest.fixture
+def deployed(cluster):
+    """Deploy models for one test and always remove them afterwards."""
+    import byzerllm_spark as bls
+
+    names: list[str] = []
+
+    def _deploy(name: str, **kwargs):
+        bls.deploy(name, **kwargs)
+        names.append(name)
+        return name
+
+    yield _deploy
+    for name in names:
+        if bls.exists(name):
+            bls.undeploy(name)
