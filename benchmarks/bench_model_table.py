@@ -10,9 +10,9 @@ Hugging Face checkpoint), then, ``--repeat`` times in the same run:
 
 each in its own subprocess, which reports its own wall time for the operation and its peak RSS
 (``VmHWM`` from /proc, else ``ru_maxrss``; the figure includes the interpreter and its imports,
-printed separately as "base"). Medians are printed. Every run reads from the page cache (the directory was just
-written), as does ``cp -r``; nothing is fsync'ed by either, and ``sync`` runs (untimed) before
-each operation so none pays for the previous one's writeback.
+printed separately). Medians are printed. Every run reads from the page cache (the directory
+was just written), as does ``cp -r``; nothing is fsync'ed by either, and ``sync`` runs (untimed)
+before each operation so none pays for the previous one's writeback.
 
 Usage::
 
@@ -87,12 +87,14 @@ def build_model_dir(path: str, size_mb: int) -> int:
     rng = np.random.default_rng(0)
     os.makedirs(path)
     small = {
-        "config.json": {"architectures": ["LlamaForCausalLM"], "hidden_size": 2048, "num_hidden_layers": 24},
+        "config.json": {"architectures": ["LlamaForCausalLM"], "hidden_size": 2048},
         "generation_config.json": {"max_new_tokens": 256, "temperature": 0.7},
         "special_tokens_map.json": {"bos_token": "<s>", "eos_token": "</s>"},
         "tokenizer_config.json": {"model_max_length": 4096, "tokenizer_class": "LlamaTokenizer"},
         "tokenizer.json": {"model": {"vocab": {f"tok{i}": i for i in range(60000)}}},
-        "model.safetensors.index.json": {"weight_map": {f"layer.{i}.weight": "model-00001.safetensors" for i in range(2000)}},
+        "model.safetensors.index.json": {
+            "weight_map": {f"layer.{i}.weight": "model-00001.safetensors" for i in range(2000)}
+        },
     }
     for name, obj in small.items():
         with open(os.path.join(path, name), "w") as f:
@@ -101,7 +103,8 @@ def build_model_dir(path: str, size_mb: int) -> int:
     shares = [0.45, 0.30, 0.25]  # a few large shards of unequal size
     for i, share in enumerate(shares):
         remaining = int(total * share)
-        with open(os.path.join(path, f"model-{i + 1:05d}-of-{len(shares):05d}.safetensors"), "wb") as f:
+        name = f"model-{i + 1:05d}-of-{len(shares):05d}.safetensors"
+        with open(os.path.join(path, name), "wb") as f:
             while remaining:
                 n = min(remaining, 64 << 20)
                 f.write(rng.bytes(n))
@@ -134,15 +137,19 @@ def same_tree(a: str, b: str) -> bool:
     if cmp.left_only or cmp.right_only or cmp.funny_files:
         return False
     _, mismatch, errors = filecmp.cmpfiles(a, b, cmp.common_files, shallow=False)
-    return not mismatch and not errors and all(same_tree(os.path.join(a, d), os.path.join(b, d)) for d in cmp.common_dirs)
+    if mismatch or errors:
+        return False
+    return all(same_tree(os.path.join(a, d), os.path.join(b, d)) for d in cmp.common_dirs)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size-mb", type=int, default=1024, help="model directory size (default 1024)")
-    parser.add_argument("--repeat", type=int, default=3, help="runs of each operation (default 3)")
-    parser.add_argument("--chunk-size", type=int, default=4 << 20, help="bytes per chunk (default 4 MiB)")
-    parser.add_argument("--tmp", default=None, help="scratch directory (default: the system temp dir)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--size-mb", type=int, default=1024, help="model dir size (default 1024)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each (default 3)")
+    parser.add_argument("--chunk-size", type=int, default=4 << 20, help="default 4 MiB")
+    parser.add_argument("--tmp", default=None, help="scratch directory (default: system temp)")
     args = parser.parse_args()
 
     work = tempfile.mkdtemp(prefix="bench-model-table-", dir=args.tmp)
@@ -150,8 +157,10 @@ def main() -> None:
         src = os.path.join(work, "model")
         size = build_model_dir(src, args.size_mb)
         mb = size / 2**20
-        print(f"model dir: {mb:.0f} MB in {len(os.listdir(src))} files, chunk {args.chunk_size >> 20} MiB, "
-              f"{os.cpu_count()} CPUs, python {sys.version.split()[0]}")
+        print(
+            f"model dir: {mb:.0f} MB in {len(os.listdir(src))} files, chunk "
+            f"{args.chunk_size >> 20} MiB, {os.cpu_count()} CPUs, python {sys.version.split()[0]}"
+        )
         cp_s, sha_s, save_s, load_s, save_rss, load_rss, base = [], [], [], [], [], [], []
         for i in range(args.repeat):
             dst = os.path.join(work, f"cp{i}")
@@ -175,15 +184,24 @@ def main() -> None:
             shutil.rmtree(table)
 
         cp, sha, save, load = (statistics.median(x) for x in (cp_s, sha_s, save_s, load_s))
-        print(f"{'operation':<12}{'seconds':>9}{'MB/s':>9}{'vs cp -r':>10}{'vs sha256':>11}{'peak RSS MB':>13}")
-        print(f"{'cp -r':<12}{cp:>9.2f}{mb / cp:>9.0f}{1.0:>10.2f}{sha / cp:>11.2f}{'-':>13}")
-        print(f"{'sha256 only':<12}{sha:>9.2f}{mb / sha:>9.0f}{cp / sha:>10.2f}{1.0:>11.2f}{'-':>13}")
-        print(f"{'save':<12}{save:>9.2f}{mb / save:>9.0f}{cp / save:>10.2f}{sha / save:>11.2f}{max(save_rss):>13.0f}")
-        print(f"{'load':<12}{load:>9.2f}{mb / load:>9.0f}{cp / load:>10.2f}{sha / load:>11.2f}{max(load_rss):>13.0f}")
-        print(f"(medians of {args.repeat}; peak RSS is the max over runs and includes the "
-              f"{statistics.median(base):.0f} MB of a Python process with pyarrow and deltalake imported)")
+        head = ("operation", "seconds", "MB/s", "vs cp -r", "vs sha256", "peak RSS MB")
+        print(f"{head[0]:<12}{head[1]:>9}{head[2]:>9}{head[3]:>10}{head[4]:>11}{head[5]:>13}")
+        for name, sec, rss in (
+            ("cp -r", cp, None),
+            ("sha256 only", sha, None),
+            ("save", save, max(save_rss)),
+            ("load", load, max(load_rss)),
+        ):
+            peak = "-" if rss is None else f"{rss:.0f}"
+            print(f"{name:<12}{sec:>9.2f}{mb / sec:>9.0f}{cp / sec:>10.2f}{sha / sec:>11.2f}{peak:>13}")
+        print(
+            f"(medians of {args.repeat}; peak RSS is the max over runs and includes the "
+            f"{statistics.median(base):.0f} MB of a Python process with pyarrow and deltalake "
+            f"imported)"
+        )
+        runs = zip(cp_s, sha_s, save_s, load_s)
         print("runs (cp/sha256/save/load seconds):",
-              "; ".join(f"{c:.2f}/{h:.2f}/{s:.2f}/{l:.2f}" for c, h, s, l in zip(cp_s, sha_s, save_s, load_s)))
+              "; ".join(f"{c:.2f}/{h:.2f}/{s:.2f}/{ld:.2f}" for c, h, s, ld in runs))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -220,7 +220,9 @@ def _check_version(version: Any) -> int | None:
         return None
     if isinstance(version, bool) or not isinstance(version, int) or version < 0:
         raise ConfigError(
-            bad_value("version", version, "pass a table version (an int >= 0) or None for the latest")
+            bad_value(
+                "version", version, "pass a table version (an int >= 0) or None for the latest"
+            )
         )
     return version
 
@@ -382,7 +384,9 @@ def _read_chunk(path: str, view: memoryview, offset: int, size: int, last: bool)
     return hashlib.sha256(view).digest()
 
 
-def _chunk_plan(files: list[_SourceFile], chunk_size: int) -> Iterator[tuple[_SourceFile, int, int, int]]:
+def _chunk_plan(
+    files: list[_SourceFile], chunk_size: int
+) -> Iterator[tuple[_SourceFile, int, int, int]]:
     """(file, chunk_index, offset, length) for every chunk, empty files as one empty chunk."""
     for f in files:
         if f.size == 0:
@@ -446,8 +450,10 @@ class _ParquetSink:
         else:
             st["rows"] += meta["rows"]
             st["no_digest"] += meta["no_digest"]
-            for key, pick in (("min_path", min), ("max_path", max), ("min_chunk", min), ("max_chunk", max)):
-                st[key] = pick(st[key], meta[key])
+            for key in ("min_path", "min_chunk"):
+                st[key] = min(st[key], meta[key])
+            for key in ("max_path", "max_chunk"):
+                st[key] = max(st[key], meta[key])
         if self._bytes >= _FILE_BYTES:
             self.close_file()
 
@@ -552,7 +558,9 @@ def save_model_table(
     src = _source_dir(model_dir)
     files = _scan_model_dir(src)
     if not files:
-        raise ConfigError(bad_value("model_dir", str(model_dir), "the directory has no files to save"))
+        raise ConfigError(
+            bad_value("model_dir", str(model_dir), "the directory has no files to save")
+        )
 
     uri = resolve_table_uri(table, warehouse)
     exists = DeltaTable.is_deltatable(uri)
@@ -644,7 +652,7 @@ def _source_dir(model_dir: Any) -> str:
             bad_value(
                 "model_dir",
                 model_dir,
-                "the directory does not exist" if not os.path.exists(path) else "it is not a directory",
+                "it is not a directory" if os.path.exists(path) else "the directory does not exist",
             )
         )
     return path
@@ -739,7 +747,9 @@ def _version_of_save(uri: str, save_id: str) -> int:
         info = entry.get(_COMMIT_KEY)
         if isinstance(info, dict) and info.get("saveId") == save_id:
             return int(entry["version"])
-    raise ModelTableError(f"the commit of this save is missing from the log of {uri}")  # pragma: no cover
+    raise ModelTableError(  # pragma: no cover - the log lost a commit just made
+        f"the commit of this save is missing from the log of {uri}"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -850,22 +860,25 @@ class _TargetFile:
     size: int
     submitted: int = 0
     written: int = 0
-    chunks: dict[int, tuple[int, int, bytes]] = field(default_factory=dict)  # index -> (offset, length, sha)
+    # chunk index -> (offset, length, binary sha256)
+    chunks: dict[int, tuple[int, int, bytes]] = field(default_factory=dict)
     expected: str | None = None
 
 
 def _safe_rel(path: Any, where: str) -> str:
     """Reject absolute paths and ``..`` so a table cannot write outside the target directory."""
     parts = path.split("/") if isinstance(path, str) else []
-    if not parts or path.startswith("/") or "\\" in path or any(p in ("", ".", "..") for p in parts):
-        raise ModelTableError(f"{where}: unsafe file path {path!r} in the table; refusing to write it")
+    if not parts or "\\" in path or any(p in ("", ".", "..") for p in parts):  # "" covers "/x"
+        raise ModelTableError(
+            f"{where}: unsafe file path {path!r} in the table; refusing to write it"
+        )
     return path
 
 
 _DONE = object()
 
 
-def _iter_row_groups(paths: list[str]) -> Iterator[tuple[str, Any]]:
+def _iter_row_groups(paths: list[str], where: str) -> Iterator[tuple[str, Any]]:
     """(parquet file, Table) per row group; a background thread reads the next one meanwhile.
 
     At most three row groups are alive (being read, queued, being written): memory stays
@@ -886,6 +899,7 @@ def _iter_row_groups(paths: list[str]) -> Iterator[tuple[str, Any]]:
         return False
 
     def produce() -> None:
+        path = ""
         try:
             for path in paths:
                 fs, inner = _filesystem(path)
@@ -895,6 +909,13 @@ def _iter_row_groups(paths: list[str]) -> Iterator[tuple[str, Any]]:
                         if not put((path, pf.read_row_group(rg, columns=list(_COLUMNS)))):
                             return
             put(_DONE)
+        except (OSError, ValueError) as exc:  # pyarrow: missing file, ArrowInvalid, ...
+            error = ModelTableError(
+                f"{where} cannot be read: data file {path} failed with {exc}; the table may be "
+                f"damaged: load another version (version=...) or save the model again"
+            )
+            error.__cause__ = exc
+            put(error)
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which raises it
             put(exc)
 
@@ -935,7 +956,9 @@ class _Materialiser:
             f"model again"
         )
 
-    def write_chunk(self, tf: _TargetFile, rel: str, index: int, offset: int, mv: memoryview, sha: str) -> None:
+    def write_chunk(
+        self, tf: _TargetFile, rel: str, index: int, offset: int, mv: memoryview, sha: str
+    ) -> None:
         got = hashlib.sha256(mv).hexdigest()
         if got != sha:
             raise ChecksumError(
@@ -964,7 +987,9 @@ class _Materialiser:
         # Zero-copy: slice the Arrow data buffer instead of making a bytes object per chunk.
         _, obuf, dbuf = data.buffers()
         otype = pa.int64() if pa.types.is_large_binary(data.type) else pa.int32()
-        bounds = pa.Array.from_buffers(otype, len(data) + 1, [None, obuf], offset=data.offset).to_pylist()
+        bounds = pa.Array.from_buffers(
+            otype, len(data) + 1, [None, obuf], offset=data.offset
+        ).to_pylist()
         blob = memoryview(dbuf) if dbuf is not None else memoryview(b"")
         cols = [batch.column(c).to_pylist() for c in _COLUMNS[:-1]]
         futures = []
@@ -1038,7 +1063,7 @@ def _materialise(dt, table: Any, uri: str, version: int, target: str) -> None:
         futures: list[Future] = []
         try:
             previous: list[Future] = []
-            for parquet_path, group in _iter_row_groups(dt.file_uris()):
+            for parquet_path, group in _iter_row_groups(dt.file_uris(), where):
                 current = []
                 for batch in group.to_batches():
                     current.extend(m.submit(batch, parquet_path))
@@ -1052,13 +1077,6 @@ def _materialise(dt, table: Any, uri: str, version: int, target: str) -> None:
             for fut in previous:
                 fut.result()
             m.verify(info)
-        except (OSError, ValueError) as exc:
-            if isinstance(exc, ModelTableError):  # pragma: no cover - ours are not OS/Value errors
-                raise
-            for fut in futures:
-                fut.cancel()
-            # pyarrow's errors (a missing or mangled data file) are OSError / ArrowInvalid.
-            raise ModelTableError(f"{where} cannot be read: {exc}; the table may be damaged") from exc
         except BaseException:
             for fut in futures:
                 fut.cancel()
@@ -1072,7 +1090,9 @@ def _materialise(dt, table: Any, uri: str, version: int, target: str) -> None:
 # History and Spark
 
 
-def model_table_history(table: str | os.PathLike[str], *, warehouse: str | None = None) -> list[dict]:
+def model_table_history(
+    table: str | os.PathLike[str], *, warehouse: str | None = None
+) -> list[dict]:
     """The versions of a model table, newest first.
 
     Args:
@@ -1101,10 +1121,11 @@ def model_table_history(table: str | os.PathLike[str], *, warehouse: str | None 
         info = entry.get(_COMMIT_KEY)
         info = info if isinstance(info, dict) else {}
         ts = entry.get("timestamp")
+        when = datetime.fromtimestamp(ts / 1000, tz=timezone.utc) if ts is not None else None
         out.append(
             {
                 "version": int(entry["version"]),
-                "timestamp": datetime.fromtimestamp(ts / 1000, tz=timezone.utc) if ts is not None else None,
+                "timestamp": when,
                 "operation": entry.get("operation"),
                 "files": info.get("files"),
                 "bytes": info.get("bytes"),
@@ -1127,8 +1148,13 @@ def _spark_has_delta(spark) -> bool:
 
 
 def _spark_path(uri: str) -> str:
-    # Hadoop's S3 connector is s3a://; delta-rs and pyarrow write s3://.
-    return "s3a://" + uri[len("s3://") :] if uri.startswith("s3://") else uri
+    if uri.startswith("s3://"):  # Hadoop's S3 connector is s3a://; delta-rs says s3://
+        return "s3a://" + uri[len("s3://") :]
+    if not _URI_RE.match(uri):  # a local path: say so, or Spark resolves it on fs.defaultFS
+        from pathlib import Path
+
+        return Path(uri).as_uri()
+    return uri
 
 
 def read_model_table(

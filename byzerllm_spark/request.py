@@ -115,8 +115,11 @@ def _turns(key: str, value: Any) -> list[dict[str, str]]:
     return turns
 
 
-def parse_request(params: Any, defaults: Mapping[str, Any] | None = None) -> ChatRequest:
+def parse_request(params: Any, defaults: Mapping[str, Any] | None = None) -> ChatRequest | None:
     """Parse one request (a dict or its JSON text) into a :class:`ChatRequest`.
+
+    A request whose ``instruction`` is present but null (a null column inside ``llm_param``) parses
+    to None: its answer is null, not an error.
 
     Args:
         params: the ``llm_param`` map, as a dict or as JSON text.
@@ -176,6 +179,8 @@ def parse_request(params: Any, defaults: Mapping[str, Any] | None = None) -> Cha
         instruction = turns[-1]["content"]
     elif values.get("history") is not None:
         history = _turns("history", values["history"])
+    if instruction is None and "instruction" in values:
+        return None  # llm_param(map('instruction', NULL)): a null row stays null
     if instruction is None:
         raise RequestParseError(
             "the request has no 'instruction': add it, e.g. llm_param(map('instruction', q))"

@@ -39,9 +39,13 @@ def make_model_dir(path, seed: int = 0, big: int = 300_000):
     return path
 
 
+def tree_size(d) -> int:
+    return sum(os.path.getsize(os.path.join(p, n)) for p, _, names in os.walk(d) for n in names)
+
+
 def assert_same_tree(a, b) -> None:
     cmp = filecmp.dircmp(a, b)
-    assert not cmp.left_only and not cmp.right_only and not cmp.funny_files, (cmp.left_only, cmp.right_only)
+    assert not (cmp.left_only or cmp.right_only or cmp.funny_files), (cmp.left_only, cmp.right_only)
     _, mismatch, errors = filecmp.cmpfiles(a, b, cmp.common_files, shallow=False)
     assert not mismatch and not errors, (mismatch, errors)
     for d in cmp.common_dirs:
@@ -69,13 +73,13 @@ def model(tmp_path):
 
 def test_resolve_names_paths_and_uris(tmp_path, monkeypatch):
     assert mt.resolve_table_uri("ai_model.Llama2_300", warehouse="/wh") == "/wh/ai_model/llama2_300"
-    assert mt.resolve_table_uri("`ai_model.llama2_300`", warehouse="/wh") == "/wh/ai_model/llama2_300"
-    assert mt.resolve_table_uri("ai_model.x", warehouse="s3://bucket/wh/") == "s3://bucket/wh/ai_model/x"
+    assert mt.resolve_table_uri("`ai_model.x`", warehouse="/wh") == "/wh/ai_model/x"
+    assert mt.resolve_table_uri("ai_model.x", warehouse="s3://b/wh/") == "s3://b/wh/ai_model/x"
     monkeypatch.setenv("BYZERLLM_WAREHOUSE", str(tmp_path / "envwh"))
     assert mt.resolve_table_uri("db.t") == str(tmp_path / "envwh" / "db" / "t")
     monkeypatch.delenv("BYZERLLM_WAREHOUSE")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert mt.resolve_table_uri("db.t") == str(tmp_path / "home" / ".byzerllm" / "warehouse" / "db" / "t")
+    assert mt.resolve_table_uri("db.t") == str(tmp_path / "home/.byzerllm/warehouse/db/t")
     assert mt.resolve_table_uri("file:///data/models/x/") == "file:///data/models/x"
     assert mt.resolve_table_uri("s3://bucket/models/x") == "s3://bucket/models/x"
     assert mt.resolve_table_uri("/data/models/x/") == "/data/models/x"
@@ -91,7 +95,8 @@ def test_import_is_cheap():
     code = (
         "import sys, byzerllm_spark; before = set(sys.modules); "
         "import byzerllm_spark.model_table; "
-        "heavy = {m.split('.')[0] for m in set(sys.modules) - before} & {'deltalake', 'pyarrow', 'pyspark', 'numpy'}; "
+        "heavy = {m.split('.')[0] for m in set(sys.modules) - before}; "
+        "heavy &= {'deltalake', 'pyarrow', 'pyspark', 'numpy'}; "
         "assert not heavy, heavy"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
@@ -103,7 +108,9 @@ def test_import_is_cheap():
 
 def test_round_trip_is_byte_identical(model, wh, cache):
     assert not mt.is_model_table("ai_model.m", warehouse=wh)
-    v = mt.save_model_table(model, "ai_model.m", warehouse=wh, chunk_size=CHUNK, metadata={"base": "tiny"})
+    v = mt.save_model_table(
+        model, "ai_model.m", warehouse=wh, chunk_size=CHUNK, metadata={"base": "tiny"}
+    )
     assert v == 0
     assert mt.is_model_table("ai_model.m", warehouse=wh)
     path = mt.load_model_table("ai_model.m", warehouse=wh, cache_dir=cache)
@@ -118,7 +125,8 @@ def test_chunk_rows(model, tmp_path):
     mt.save_model_table(model, table, chunk_size=CHUNK)
     rows = DeltaTable(table).to_pyarrow_table().to_pylist()
     assert [c for c in rows[0]] == list(mt._COLUMNS)
-    big = sorted((r for r in rows if r["path"] == "model.safetensors"), key=lambda r: r["chunk_index"])
+    big = [r for r in rows if r["path"] == "model.safetensors"]
+    big.sort(key=lambda r: r["chunk_index"])
     content = (model / "model.safetensors").read_bytes()
     assert len(big) == -(-len(content) // CHUNK)
     assert b"".join(r["data"] for r in big) == content
@@ -142,14 +150,37 @@ def test_file_uri_table(model, tmp_path, cache):
     assert_same_tree(model, mt.load_model_table(uri, cache_dir=cache))
 
 
+def test_many_row_groups_and_data_files(model, tmp_path, cache, monkeypatch):
+    from deltalake import DeltaTable
+
+    monkeypatch.setattr(mt, "_ROW_GROUP_BYTES", 2 * CHUNK)
+    monkeypatch.setattr(mt, "_FILE_BYTES", CHUNK)  # a file's chunks span several data files
+    table = str(tmp_path / "many")
+    mt.save_model_table(model, table, chunk_size=CHUNK)
+    assert len(DeltaTable(table).file_uris()) >= 3
+    assert_same_tree(model, mt.load_model_table(table, cache_dir=cache))
+
+
+def test_symlink_cycle_in_model_dir_is_not_followed(model, tmp_path, cache):
+    os.symlink("..", model / "tokenizer" / "up")  # tokenizer/up -> the model dir itself
+    table = str(tmp_path / "cycle")
+    mt.save_model_table(model, table, chunk_size=CHUNK)
+    (history,) = mt.model_table_history(table)
+    assert history["files"] == 5
+    os.remove(model / "tokenizer" / "up")
+    assert_same_tree(model, mt.load_model_table(table, cache_dir=cache))
+
+
 def test_versions_time_travel_and_history(tmp_path, wh, cache):
     a = make_model_dir(tmp_path / "a", seed=1)
     b = make_model_dir(tmp_path / "b", seed=2, big=200_000)
     (b / "adapter_config.json").write_text('{"r": 8}')
-    assert mt.save_model_table(a, "ai_model.tt", warehouse=wh, chunk_size=CHUNK, metadata={"step": 1}) == 0
-    assert mt.save_model_table(b, "ai_model.tt", warehouse=wh, chunk_size=CHUNK, metadata={"step": 2}) == 1
+    kw = dict(warehouse=wh, chunk_size=CHUNK)
+    assert mt.save_model_table(a, "ai_model.tt", metadata={"step": 1}, **kw) == 0
+    assert mt.save_model_table(b, "ai_model.tt", metadata={"step": 2}, **kw) == 1
 
-    assert_same_tree(a, mt.load_model_table("ai_model.tt", version=0, warehouse=wh, cache_dir=cache))
+    old = mt.load_model_table("ai_model.tt", version=0, warehouse=wh, cache_dir=cache)
+    assert_same_tree(a, old)
     latest = mt.load_model_table("ai_model.tt", warehouse=wh, cache_dir=cache)
     assert latest == mt.load_model_table("ai_model.tt", version=1, warehouse=wh, cache_dir=cache)
     assert_same_tree(b, latest)
@@ -158,10 +189,10 @@ def test_versions_time_travel_and_history(tmp_path, wh, cache):
     assert [h["version"] for h in history] == [1, 0]
     assert [h["metadata"] for h in history] == [{"step": 2}, {"step": 1}]
     assert history[0]["files"] == 6 and history[1]["files"] == 5
-    size = lambda d: sum(os.path.getsize(os.path.join(p, n)) for p, _, ns in os.walk(d) for n in ns)  # noqa: E731
-    assert (history[0]["bytes"], history[1]["bytes"]) == (size(b), size(a))
+    assert (history[0]["bytes"], history[1]["bytes"]) == (tree_size(b), tree_size(a))
     assert history[0]["chunk_size"] == CHUNK and history[0]["source"] == str(b)
-    assert isinstance(history[0]["timestamp"], datetime) and history[0]["timestamp"].tzinfo is not None
+    when = history[0]["timestamp"]
+    assert isinstance(when, datetime) and when.tzinfo is not None
 
 
 def test_mode_error_refuses_an_existing_table(model, wh):
@@ -186,6 +217,21 @@ def test_second_load_is_served_from_the_cache(model, wh, cache, monkeypatch):
     assert {n: os.stat(os.path.join(first, n)).st_mtime_ns for n in os.listdir(first)} == stamps
 
 
+def test_a_table_saved_again_after_deletion_is_not_served_stale(tmp_path, cache):
+    import shutil
+
+    a = make_model_dir(tmp_path / "a", seed=1)
+    b = make_model_dir(tmp_path / "b", seed=2)
+    table = str(tmp_path / "again")
+    mt.save_model_table(a, table, chunk_size=CHUNK)
+    first = mt.load_model_table(table, cache_dir=cache)
+    shutil.rmtree(table)
+    assert mt.save_model_table(b, table, chunk_size=CHUNK) == 0  # "v0" again, another table id
+    second = mt.load_model_table(table, cache_dir=cache)
+    assert second != first
+    assert_same_tree(b, second)
+
+
 def test_concurrent_loads_materialise_once(model, wh, cache, monkeypatch):
     mt.save_model_table(model, "ai_model.cc", warehouse=wh, chunk_size=CHUNK)
     calls = []
@@ -198,10 +244,10 @@ def test_concurrent_loads_materialise_once(model, wh, cache, monkeypatch):
 
     monkeypatch.setattr(mt, "_materialise", counting)
     results = []
-    threads = [
-        threading.Thread(target=lambda: results.append(mt.load_model_table("ai_model.cc", warehouse=wh, cache_dir=cache)))
-        for _ in range(2)
-    ]
+    def load():
+        results.append(mt.load_model_table("ai_model.cc", warehouse=wh, cache_dir=cache))
+
+    threads = [threading.Thread(target=load) for _ in range(2)]
     for t in threads:
         t.start()
     for t in threads:
@@ -214,8 +260,16 @@ def test_concurrent_loads_materialise_once(model, wh, cache, monkeypatch):
 # Bad input and faults
 
 
-def _cache_entries(cache):
-    return [os.path.join(d, n) for d in os.listdir(cache) for n in os.listdir(os.path.join(cache, d)) if not n.endswith(".lock")] if os.path.isdir(cache) else []  # noqa: E501
+def cache_entries(cache):
+    """Everything in the cache but lock files: version directories and temporary ones."""
+    if not os.path.isdir(cache):
+        return []
+    return [
+        os.path.join(key, name)
+        for key in os.listdir(cache)
+        for name in os.listdir(os.path.join(cache, key))
+        if not name.endswith(".lock")
+    ]
 
 
 def test_corrupted_chunk_raises_checksum_error_and_leaves_nothing(model, tmp_path, cache):
@@ -233,7 +287,7 @@ def test_corrupted_chunk_raises_checksum_error_and_leaves_nothing(model, tmp_pat
 
     with pytest.raises(ChecksumError, match=r"chunk 2 of file 'model.safetensors'.*sha256"):
         mt.load_model_table(table, cache_dir=cache)
-    assert _cache_entries(cache) == []  # neither a version directory nor a temporary one
+    assert cache_entries(cache) == []  # neither a version directory nor a temporary one
 
 
 def test_missing_data_file_is_an_error(model, tmp_path, cache):
@@ -244,11 +298,11 @@ def test_missing_data_file_is_an_error(model, tmp_path, cache):
     os.remove(DeltaTable(table).file_uris()[0])
     with pytest.raises(ModelTableError, match="cannot be read"):
         mt.load_model_table(table, cache_dir=cache)
-    assert _cache_entries(cache) == []
+    assert cache_entries(cache) == []
 
 
 def test_missing_table(wh, cache, tmp_path):
-    with pytest.raises(ModelNotFoundError, match=r"'ai_model.nope'.*does not exist.*save_model_table"):
+    with pytest.raises(ModelNotFoundError, match=r"'ai_model.nope'.*does not exist.*save_model"):
         mt.load_model_table("ai_model.nope", warehouse=wh, cache_dir=cache)
     with pytest.raises(ModelNotFoundError, match="does not exist"):
         mt.model_table_history("ai_model.nope", warehouse=wh)
@@ -294,6 +348,23 @@ def test_a_delta_table_that_is_not_a_model_table(model, tmp_path, cache):
         mt.load_model_table(other, cache_dir=cache)
     with pytest.raises(ModelTableError, match="refusing to overwrite"):
         mt.save_model_table(model, other)
+
+
+def test_a_table_cannot_write_outside_the_cache(tmp_path, cache):
+    import pyarrow as pa
+    from deltalake import write_deltalake
+
+    evil = str(tmp_path / "evil")
+    row = {
+        "path": "../../escaped.txt", "chunk_index": 0, "offset": 0, "length": 2,
+        "sha256": hashlib.sha256(b"hi").hexdigest(), "file_size": 2,
+        "file_digest": hashlib.sha256(hashlib.sha256(b"hi").digest()).hexdigest(), "data": b"hi",
+    }
+    write_deltalake(evil, pa.Table.from_pylist([row], schema=mt._arrow_schema()))
+    with pytest.raises(ModelTableError, match="unsafe file path"):
+        mt.load_model_table(evil, cache_dir=cache)
+    assert not os.path.exists(os.path.join(cache, "escaped.txt"))
+    assert cache_entries(cache) == []
 
 
 KILLED_SAVE = textwrap.dedent(
@@ -372,6 +443,7 @@ def spark():
 
 
 @pytest.mark.spark
+@pytest.mark.filterwarnings("ignore:PySpark does not yet fully support pandas:FutureWarning")
 def test_spark_reads_the_chunk_rows(spark, tmp_path, wh):
     from pyspark.sql import functions as F
 
@@ -382,7 +454,8 @@ def test_spark_reads_the_chunk_rows(spark, tmp_path, wh):
 
     df = mt.read_model_table(spark, "ai_model.sp", warehouse=wh)
     assert df.columns == list(mt._COLUMNS)
-    sizes = {r["path"]: r["n"] for r in df.groupBy("path").agg(F.sum("length").alias("n")).collect()}
+    per_file = df.groupBy("path").agg(F.sum("length").alias("n")).collect()
+    sizes = {r["path"]: r["n"] for r in per_file}
     assert sizes["model.safetensors"] == 100_000 and sizes["empty.txt"] == 0 and len(sizes) == 5
     # Spark sees the same bytes: its own sha2 of every chunk matches the recorded sha256.
     assert df.filter(F.sha2("data", 256) != F.col("sha256")).count() == 0
@@ -390,7 +463,6 @@ def test_spark_reads_the_chunk_rows(spark, tmp_path, wh):
     assert b"".join(bytes(r["data"]) for r in rows) == (b / "model.safetensors").read_bytes()
 
     old = mt.read_model_table(spark, "ai_model.sp", version=0, warehouse=wh)
-    total = old.agg(F.sum("length")).first()[0]
-    assert total == sum(os.path.getsize(os.path.join(p, n)) for p, _, ns in os.walk(a) for n in ns)
+    assert old.agg(F.sum("length")).first()[0] == tree_size(a)
     with pytest.raises(ModelNotFoundError):
         mt.read_model_table(spark, "ai_model.sp", version=9, warehouse=wh)

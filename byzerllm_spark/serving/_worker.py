@@ -102,8 +102,10 @@ class ModelWorker:
                 if item is None:
                     continue
                 try:
-                    todo.append(parse_request(item, defaults))
-                    todo_idx.append(i)
+                    request = parse_request(item, defaults)
+                    if request is not None:
+                        todo.append(request)
+                        todo_idx.append(i)
                 except RequestParseError as exc:
                     results[i] = ChatResult(error=str(exc))
             if todo:
@@ -127,7 +129,15 @@ class ModelWorker:
 
     def info(self) -> dict[str, Any]:
         out = self.backend.info()
-        out.update(replica=self.replica, pid=os.getpid(), load_seconds=self._load_seconds, model=self.config.model)
+        out.update(
+            replica=self.replica,
+            pid=os.getpid(),
+            load_seconds=self._load_seconds,
+            model=self.config.model,
+            num_workers=self.config.num_workers,
+            worker_concurrency=self.config.worker_concurrency,
+            embedding=bool(self.backend.supports_embedding),
+        )
         return out
 
     # ---- HTTP -----------------------------------------------------------------------------

@@ -1,0 +1,319 @@
+"""Spark SQL and DataFrame functions: ``SELECT chat(llm_param(map('instruction', q))) FROM t``.
+
+- ``llm_param(map)`` → the request as JSON text, ``llm_prompt(template, array)`` → the template with
+  ``{0}``, ``{1}``... filled in. Both are SQL functions (``CREATE TEMPORARY FUNCTION ... RETURN``), so
+  they run in the JVM with no Python round trip.
+- One function per deployed model: an iterator Arrow UDF that cuts each Spark batch into requests
+  of ``batch_size`` rows and keeps ``concurrency`` of them in flight over keep-alive HTTP to
+  ``{endpoint}/{model}/arrow``. Results come back in input order; a null input gives a null output.
+- ``fail_on_error=False`` returns ``struct<response, error, metadata>`` so one bad row never fails
+  the job; ``llm_result(x)`` gives the text from either form.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Mapping
+
+from .errors import ConfigError, ModelNotFoundError, RequestError, bad_value
+
+RESULT_TYPE_DDL = "struct<response:string,error:string,metadata:map<string,string>>"
+EMBEDDING_TYPE_DDL = "array<float>"
+DEFAULT_BATCH_SIZE = 256
+
+_LLM_PARAM_SQL = (
+    "CREATE OR REPLACE TEMPORARY FUNCTION llm_param(params MAP<STRING, STRING>) RETURNS STRING "
+    "RETURN to_json(params)"
+)
+def register_functions(spark) -> None:
+    """Register ``llm_param``, ``llm_prompt`` and ``llm_result`` as SQL functions of ``spark``.
+
+    Example:
+        >>> bls.register_functions(spark)  # doctest: +SKIP
+        >>> spark.sql("SELECT llm_param(map('instruction', 'hi', 'temperature', '0'))")  # doctest: +SKIP
+    """
+    spark.sql(_LLM_PARAM_SQL)
+    # llm_prompt needs a loop over the array; SQL functions with lambdas cannot be nested in
+    # another SQL function (Spark 4: LAMBDA_FUNCTION_WITH_SQL_UDF), so it is an Arrow Python UDF.
+    spark.udf.register("llm_prompt", _llm_prompt_udf())
+    spark.udf.register("llm_result", _llm_result_udf())
+
+
+def fill_prompt(template: str | None, args: list | None) -> str | None:
+    """``fill_prompt('hi {0}', ['Zhu'])`` → ``'hi Zhu'``; placeholders beyond the array stay as they are."""
+    if template is None:
+        return None
+    for i, value in enumerate(args or []):
+        template = template.replace("{%d}" % i, "" if value is None else str(value))
+    return template
+
+
+def _llm_prompt_udf():
+    from pyspark.sql.functions import udf
+
+    return udf(fill_prompt, "string", useArrow=True)
+
+
+def _llm_result_udf():
+    from pyspark.sql.functions import udf
+
+    def llm_result(value: Any) -> str | None:
+        if value is None or isinstance(value, str):
+            return value
+        if hasattr(value, "asDict"):
+            value = value.asDict()
+        if isinstance(value, Mapping):
+            return value.get("response")
+        raise TypeError(f"llm_result takes the text or struct a model function returns, not {type(value).__name__}")
+
+    return udf(llm_result, "string")
+
+
+def llm_result(col):
+    """DataFrame API: the answer text from a model function's result (text or struct)."""
+    return _llm_result_udf()(col)
+
+
+def llm_param(params: Mapping[str, Any]):
+    """DataFrame API: ``llm_param({"instruction": F.col("q"), "temperature": 0})`` → JSON Column.
+
+    Values may be Columns or Python literals; all become strings, as in Byzer's string maps.
+    """
+    from pyspark.sql import Column
+    from pyspark.sql import functions as F
+
+    if not isinstance(params, Mapping) or not params:
+        raise ConfigError(bad_value("llm_param(params)", params, "pass a non-empty dict of key -> Column or value"))
+    parts = []
+    for key, value in params.items():
+        if not isinstance(key, str):
+            raise ConfigError(bad_value("llm_param key", key, "keys are strings such as 'instruction'"))
+        column = value if isinstance(value, Column) else F.lit(
+            json.dumps(value) if isinstance(value, (list, dict)) else None if value is None else str(value)
+        )
+        parts += [F.lit(key), column.cast("string")]
+    return F.to_json(F.create_map(*parts))
+
+
+def llm_prompt(template, args):
+    """DataFrame API: fill ``{0}``, ``{1}``... of ``template`` from ``args`` (Columns/values or an array Column)."""
+    from pyspark.sql import Column
+    from pyspark.sql import functions as F
+
+    array = args if isinstance(args, Column) else F.array(*[a if isinstance(a, Column) else F.lit(str(a)) for a in args])
+    template_col = template if isinstance(template, Column) else F.lit(template)
+    return _llm_prompt_udf()(template_col, array.cast("array<string>"))
+
+
+def _model_info(endpoint: str, model: str) -> dict[str, Any]:
+    from .client import _session, deployed_routes
+
+    try:
+        resp = _session().get(f"{endpoint}/{model}/info", timeout=30)
+    except Exception as exc:
+        raise RequestError(f"cannot reach {endpoint} for model {model!r}: {exc}") from exc
+    if resp.status_code == 404 or resp.status_code >= 500 and model not in deployed_routes(endpoint):
+        deployed = deployed_routes(endpoint)
+        raise ModelNotFoundError(
+            f"model {model!r} is not deployed at {endpoint}; deployed models: {deployed if deployed else 'none'}"
+        )
+    resp.raise_for_status()
+    return resp.json()
+
+
+def model_function(
+    model: str,
+    *,
+    fail_on_error: bool = True,
+    batch_size: int | None = None,
+    concurrency: int | None = None,
+    endpoint: str | None = None,
+    timeout: float = 600.0,
+    max_retries: int = 5,
+):
+    """The Spark function that calls a deployed model (DataFrame API).
+
+    Args:
+        model: the deployed model's name.
+        fail_on_error: True returns the answer text and fails the query on a bad row; False
+            returns ``struct<response, error, metadata>`` so every row gets an answer or its error.
+        batch_size: rows per HTTP request (default 256).
+        concurrency: requests in flight per Spark task (default: twice the model's free slots,
+            at least 2), so a small Spark cluster can keep more workers busy than it has cores.
+        endpoint: base URL the executors use; default ``bls.endpoint()``.
+        timeout, max_retries: per request; connection errors and 5xx are retried with backoff.
+
+    Returns:
+        An Arrow UDF taking the ``llm_param`` JSON column. Embedding models return ``array<float>``.
+
+    Raises:
+        ModelNotFoundError: the model is not deployed (lists the deployed ones).
+
+    Example:
+        >>> chat = model_function("chat_model")  # doctest: +SKIP
+        >>> df.withColumn("a", chat(llm_param({"instruction": F.col("q")})))  # doctest: +SKIP
+    """
+    from pyspark.sql.functions import arrow_udf
+
+    if endpoint is None:
+        from .cluster import endpoint as _endpoint
+
+        endpoint = _endpoint()
+    info = _model_info(endpoint, model)
+    if batch_size is None:
+        batch_size = DEFAULT_BATCH_SIZE
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(bad_value("batch_size", batch_size, "use an integer >= 1, e.g. 256"))
+    if concurrency is None:
+        concurrency = max(2, 2 * int(info.get("num_workers", 1)) * int(info.get("worker_concurrency", 1)))
+    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+        raise ConfigError(bad_value("concurrency", concurrency, "use an integer >= 1, e.g. 4"))
+    options = dict(
+        model=model, endpoint=endpoint, batch_size=batch_size, concurrency=concurrency,
+        timeout=timeout, max_retries=max_retries, fail_on_error=fail_on_error,
+    )
+    if info.get("embedding"):
+        def embed_fn(batches):
+            return _run_embeddings(batches, **options)
+
+        return arrow_udf(_arrow_iterator_hints(embed_fn), EMBEDDING_TYPE_DDL)
+
+    def chat_fn(batches):
+        return _run_requests(batches, **options)
+
+    return arrow_udf(_arrow_iterator_hints(chat_fn), "string" if fail_on_error else RESULT_TYPE_DDL)
+
+
+def _arrow_iterator_hints(fn):
+    """Spark picks the UDF kind from real type hints: Iterator[pa.Array] -> Iterator[pa.Array]."""
+    import typing
+
+    import pyarrow as pa
+
+    fn.__annotations__ = {"batches": typing.Iterator[pa.Array], "return": typing.Iterator[pa.Array]}
+    return fn
+
+
+def register_model_function(spark, model: str, *, udf_name: str | None = None, **options: Any) -> str:
+    """Register a deployed model as the SQL function ``udf_name`` (default: the model name).
+
+    Takes the options of :func:`model_function`. Also registers ``llm_param`` and friends.
+
+    Returns:
+        The registered function name.
+    """
+    name = udf_name or model
+    fn = model_function(model, **options)
+    register_functions(spark)
+    spark.udf.register(name, fn)
+    return name
+
+
+# ---- executor side ---------------------------------------------------------------------------
+def _windowed(batches, submit, concurrency: int, batch_size: int):
+    """Submit every chunk of every input batch, keep ``concurrency`` in flight, yield in order."""
+    pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="byzerllm")
+    pending: deque = deque()
+    try:
+        for array in batches:
+            for offset in range(0, len(array), batch_size):
+                pending.append(pool.submit(submit, array.slice(offset, batch_size)))
+                while len(pending) >= concurrency:
+                    yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        for future in pending:
+            future.cancel()
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _as_request_json(array):
+    """Rows that are plain text (not a JSON object) become ``{"instruction": text}``."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if pa.types.is_large_string(array.type):
+        array = array.cast(pa.string())
+    if not pa.types.is_string(array.type):
+        raise ConfigError(
+            f"the model function takes the request as a string (llm_param(map(...))), got {array.type}; "
+            "wrap the arguments in llm_param(map('instruction', ...))"
+        )
+    is_json = pc.fill_null(pc.starts_with(pc.utf8_ltrim_whitespace(array), "{"), True)
+    if pc.all(is_json).as_py():
+        return array
+    values = array.to_pylist()
+    flags = is_json.to_pylist()
+    return pa.array(
+        [v if (v is None or ok) else json.dumps({"instruction": v}, ensure_ascii=False) for v, ok in zip(values, flags)],
+        pa.string(),
+    )
+
+
+def _run_requests(batches, *, model, endpoint, batch_size, concurrency, timeout, max_retries, fail_on_error):
+    import pyarrow as pa
+
+    from . import _arrow
+    from .client import post_arrow
+
+    def submit(chunk):
+        chunk = _as_request_json(chunk)
+        body = _arrow.encode_params(chunk)
+        try:
+            table = _arrow.decode_results(
+                post_arrow(endpoint, model, body, timeout=timeout, max_retries=max_retries)
+            )
+        except ModelNotFoundError:
+            raise
+        except RequestError as exc:
+            if fail_on_error:
+                raise
+            # The request itself failed after retries: every non-null row gets the error.
+            n = len(chunk)
+            valid = chunk.is_valid().to_pylist()
+            table = pa.table(
+                {
+                    "response": pa.nulls(n, pa.string()),
+                    "error": pa.array([str(exc) if ok else None for ok in valid], pa.string()),
+                    "metadata": pa.nulls(n, _arrow.METADATA_TYPE),
+                }
+            )
+        if fail_on_error:
+            errors = table.column("error")
+            if errors.null_count != len(errors):
+                first = next(i for i, e in enumerate(errors.to_pylist()) if e)
+                raise RequestError(
+                    f"model {model!r} could not answer a row ({errors[first].as_py()}); request: "
+                    f"{chunk[first].as_py()[:300]}. Register the function with fail_on_error=False to get "
+                    "per-row errors instead of failing the query."
+                )
+            return table.column("response").combine_chunks()
+        mask = chunk.is_null()
+        fields = [table.column(name).combine_chunks() for name in ("response", "error", "metadata")]
+        return pa.StructArray.from_arrays(fields, names=["response", "error", "metadata"], mask=mask)
+
+    yield from _windowed(batches, submit, concurrency, batch_size)
+
+
+def _run_embeddings(batches, *, model, endpoint, batch_size, concurrency, timeout, max_retries, fail_on_error):
+    import pyarrow as pa
+
+    from . import _arrow
+    from .client import post_arrow
+
+    def submit(chunk):
+        if pa.types.is_large_string(chunk.type):
+            chunk = chunk.cast(pa.string())
+        body = _arrow.encode_params(chunk)
+        table = _arrow.decode_results(
+            post_arrow(endpoint, model, body, route="embed", timeout=timeout, max_retries=max_retries)
+        )
+        errors = [e for e in table.column("error").to_pylist() if e]
+        if errors and fail_on_error:
+            raise RequestError(f"model {model!r} could not embed a row: {errors[0]}")
+        return table.column("embedding").combine_chunks()
+
+    yield from _windowed(batches, submit, concurrency, batch_size)
