@@ -139,7 +139,8 @@ def model_function(
         model: the deployed model's name.
         fail_on_error: True returns the answer text and fails the query on a bad row; False
             returns ``struct<response, error, metadata>`` so every row gets an answer or its error.
-        batch_size: rows per HTTP request (default 256).
+        batch_size: rows per HTTP request; default: what the model's backend prefers (2000 for
+            the echo plugin, 16 for transformers, 4 for llama.cpp, 64 for other plugins).
         concurrency: requests in flight per Spark task (default: twice the model's free slots,
             at least 2), so a small Spark cluster can keep more workers busy than it has cores.
         endpoint: base URL the executors use; default ``bls.endpoint()``.
@@ -163,7 +164,7 @@ def model_function(
         endpoint = _endpoint()
     info = _model_info(endpoint, model)
     if batch_size is None:
-        batch_size = DEFAULT_BATCH_SIZE
+        batch_size = int(info.get("preferred_batch_size", DEFAULT_BATCH_SIZE))
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(bad_value("batch_size", batch_size, "use an integer >= 1, e.g. 256"))
     if concurrency is None:

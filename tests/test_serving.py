@@ -148,7 +148,7 @@ def test_killed_worker_is_replaced_and_requests_still_answered(deployed):
 def test_bad_deploys_fail_fast_with_clear_errors(cluster, tmp_path):
     with pytest.raises(BackendNotFoundError) as err:
         bls.deploy("bad1", infer_backend="tensorrt")
-    assert "available: llama_cpp, transformers" in str(err.value)
+    assert "available: embedding, llama_cpp, transformers" in str(err.value)
     with pytest.raises(BackendNotFoundError) as err:
         bls.deploy("bad2", pretrained_model_type="chatglm")
     assert "custom/auto" in str(err.value) and "custom/echo" in str(err.value)

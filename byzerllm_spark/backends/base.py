@@ -30,8 +30,11 @@ class Backend(abc.ABC):
 
     #: Name shown in errors and ``workers()``.
     name: str = "backend"
-    #: How many requests of one batch the engine can take at once (1: one at a time).
+    #: True for backends that answer ``embed_batch`` (the ``/embed`` route, ``array<float>`` in SQL).
     supports_embedding: bool = False
+    #: Rows per HTTP request that callers (the Spark functions) send by default: large for cheap
+    #: models so per-request overhead is amortised, small for LLMs so work spreads over workers.
+    preferred_batch_size: int = 16
 
     def __init__(self, config: "DeployConfig", model_dir: str | None) -> None:
         self.config = config

@@ -16,6 +16,10 @@ import types
 from typing import Dict, List
 
 
+#: The Spark functions read this to size their requests: echo answers in microseconds.
+PREFERRED_BATCH_SIZE = 2000
+
+
 class EchoModel:
     def __init__(self, prefix: str, delay_s: float) -> None:
         self.prefix = prefix

@@ -31,6 +31,7 @@ def _import_llama():
 
 class LlamaCppBackend(Backend):
     name = "llama_cpp"
+    preferred_batch_size = 4
 
     def __init__(self, config, model_dir) -> None:
         super().__init__(config, model_dir)

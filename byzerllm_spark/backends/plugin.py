@@ -34,6 +34,7 @@ class PluginBackend(Backend):
     """Runs a user module written to the seed contract."""
 
     name = "plugin"
+    preferred_batch_size = 64
 
     def __init__(self, config, model_dir, module) -> None:
         super().__init__(config, model_dir)
@@ -49,6 +50,7 @@ class PluginBackend(Backend):
         # One call at a time per worker unless the user raised worker_concurrency: plugins are
         # written for a single caller, as in Byzer-LLM.
         self._lock = asyncio.Lock() if config.worker_concurrency == 1 else None
+        self.preferred_batch_size = int(getattr(module, "PREFERRED_BATCH_SIZE", self.preferred_batch_size))
         if hasattr(module, "embed") or hasattr(self.model, "embed_query"):
             self.supports_embedding = True
 

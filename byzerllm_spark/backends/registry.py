@@ -39,6 +39,7 @@ def register_model_type(name: str, target: str) -> None:
 
 register_infer_backend("transformers", "byzerllm_spark.backends.transformers_backend:TransformersBackend")
 register_infer_backend("llama_cpp", "byzerllm_spark.backends.llama_cpp_backend:LlamaCppBackend")
+register_infer_backend("embedding", "byzerllm_spark.backends.embedding_backend:EmbeddingBackend")
 
 
 def infer_backends() -> list[str]:

@@ -52,6 +52,7 @@ class TransformersBackend(Backend):
             raise ConfigError("infer_backend='transformers' needs a model directory (model_path=...)")
         options = dict(config.infer_params.backend)
         self.max_batch_size = int(options.pop("max_batch_size", 8))
+        self.preferred_batch_size = self.max_batch_size * 2
         use_cuda = torch.cuda.is_available() and config.gpus_per_worker > 0
         self.device = torch.device("cuda" if use_cuda else "cpu")
         dtype = options.pop("torch_dtype", options.pop("dtype", None))

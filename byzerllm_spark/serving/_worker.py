@@ -36,6 +36,10 @@ def resolve_model_dir(config) -> str | None:
         return config.model_path
     if config.is_saas:
         return None
+    if config.infer_backend == "embedding":
+        from ..backends.embedding_backend import default_embedding_dir
+
+        return default_embedding_dir()
     return default_model_dir()
 
 
@@ -137,6 +141,7 @@ class ModelWorker:
             num_workers=self.config.num_workers,
             worker_concurrency=self.config.worker_concurrency,
             embedding=bool(self.backend.supports_embedding),
+            preferred_batch_size=int(self.backend.preferred_batch_size),
         )
         return out
 
