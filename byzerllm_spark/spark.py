@@ -256,6 +256,7 @@ def _as_request_json(array):
 
 def _run_requests(batches, *, model, endpoint, batch_size, concurrency, timeout, max_retries, fail_on_error):
     import pyarrow as pa
+    import pyarrow.compute as pc
 
     from . import _arrow
     from .client import post_arrow
@@ -292,8 +293,9 @@ def _run_requests(batches, *, model, endpoint, batch_size, concurrency, timeout,
                     "per-row errors instead of failing the query."
                 )
             return table.column("response").combine_chunks()
-        mask = chunk.is_null()
         fields = [table.column(name).combine_chunks() for name in ("response", "error", "metadata")]
+        # A null row (null input, or a null instruction) comes back with all three fields null.
+        mask = pc.and_(pc.and_(fields[0].is_null(), fields[1].is_null()), fields[2].is_null())
         return pa.StructArray.from_arrays(fields, names=["response", "error", "metadata"], mask=mask)
 
     yield from _windowed(batches, submit, concurrency, batch_size)
