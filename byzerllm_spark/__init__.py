@@ -32,6 +32,7 @@ _EXPORTS = {
     "save_model_table": "model_table",
     "shutdown": "cluster",
     "stat": "serving.api",
+    "stream_chat": "client",
     "undeploy": "serving.api",
     "workers": "serving.api",
 }

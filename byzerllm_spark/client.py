@@ -2,7 +2,8 @@
 
 The client needs only ``requests`` and ``pyarrow``, so it also runs in Spark executors. It retries
 connection errors and 5xx answers (a worker that died mid-request is replaced by Serve) with
-bounded exponential backoff.
+bounded exponential backoff. When the endpoint needs a bearer token (``bls.init(auth_token=...)``)
+every request sends it: the token given to ``init()`` in this process, else ``$BYZERLLM_AUTH_TOKEN``.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import json
 import random
 import threading
 import time
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 from . import _arrow
 from .errors import ModelNotFoundError, RequestError
@@ -33,16 +34,32 @@ def _session():
         session.mount("http://", adapter)
         session.mount("https://", adapter)
         _local.session = session
+    from .cluster import auth_token
+
+    token = auth_token()
+    if token:
+        session.headers["Authorization"] = f"Bearer {token}"
+    else:
+        session.headers.pop("Authorization", None)
     return session
 
 
+def _unauthorized(url: str) -> RequestError:
+    return RequestError(
+        f"{url} answered 401: the endpoint needs its bearer token; pass auth_token= to bls.init() "
+        "or set BYZERLLM_AUTH_TOKEN (for Spark executors: spark.executorEnv.BYZERLLM_AUTH_TOKEN)"
+    )
+
+
 def deployed_routes(endpoint: str) -> list[str]:
-    """Model names served at ``endpoint`` (from Serve's ``/-/routes``)."""
+    """Model names served at ``endpoint`` (from Serve's ``/-/routes``; the ``/v1`` app is left out)."""
     try:
         routes = _session().get(f"{endpoint}/-/routes", timeout=10).json()
     except Exception:
         return []
-    return sorted(prefix.strip("/") for prefix in routes if prefix.strip("/"))
+    return sorted(
+        prefix.strip("/") for prefix, app in routes.items() if prefix.strip("/") and app != "byzerllm_openai"
+    )
 
 
 def post_arrow(
@@ -87,6 +104,8 @@ def post_arrow(
                         f"model {model!r} is not deployed at {endpoint}; deployed models: "
                         f"{deployed if deployed else 'none'} (bls.deploy(...) first)"
                     )
+            if status == 401:
+                raise _unauthorized(url)
             if status not in RETRY_STATUS:
                 raise RequestError(f"{url} failed: {error}")
         attempt += 1
@@ -122,6 +141,63 @@ def chat(model: str, instruction: str | None = None, *, endpoint: str | None = N
     """
     (result,) = chat_batch(model, [build_params(instruction, **params)], endpoint=endpoint, raise_on_error=True)
     return result
+
+
+def stream_chat(
+    model: str,
+    instruction: str | None = None,
+    *,
+    endpoint: str | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+    **params: Any,
+) -> Iterator[str]:
+    """Ask a deployed model one question; yield the answer's text pieces as they come.
+
+    Takes the arguments of :func:`chat`. Backends that stream (SaaS vendors, llama.cpp, plugins
+    returning a generator) yield many pieces; the others one.
+
+    Raises:
+        ModelNotFoundError: the model is not deployed (lists the deployed ones).
+        RequestError: the request was refused or the model failed (also midway through).
+
+    Example:
+        >>> for piece in bls.stream_chat("chat", "Tell me a story", max_length=64):  # doctest: +SKIP
+        ...     print(piece, end="", flush=True)
+    """
+    import requests
+
+    if endpoint is None:
+        from .cluster import endpoint as _endpoint
+
+        endpoint = _endpoint()
+    url = f"{endpoint}/{model}/stream"
+    body = json.dumps(build_params(instruction, **params), ensure_ascii=False).encode("utf-8")
+    try:
+        resp = _session().post(url, data=body, headers={"Content-Type": "application/json"}, stream=True,
+                               timeout=timeout)
+    except (requests.ConnectionError, requests.Timeout) as exc:
+        raise RequestError(f"{url} failed: {type(exc).__name__}: {exc}") from exc
+    with resp:
+        if resp.status_code == 404 and model not in deployed_routes(endpoint):
+            deployed = deployed_routes(endpoint)
+            raise ModelNotFoundError(
+                f"model {model!r} is not deployed at {endpoint}; deployed models: "
+                f"{deployed if deployed else 'none'} (bls.deploy(...) first)"
+            )
+        if resp.status_code == 401:
+            raise _unauthorized(url)
+        if resp.status_code != 200:
+            raise RequestError(f"model {model!r} could not answer: HTTP {resp.status_code}: {resp.text[:500]}")
+        for line in resp.iter_lines(decode_unicode=True):
+            if not line or not line.startswith("data:"):
+                continue
+            item = json.loads(line[5:])
+            if "text" in item:
+                yield item["text"]
+            elif "error" in item:
+                raise RequestError(f"model {model!r} failed while answering: {item['error']}")
+            elif "metadata" in item:
+                return
 
 
 def chat_batch(

@@ -1,7 +1,8 @@
 """Where the models run: an embedded local Ray, an existing cluster, or Ray on Spark.
 
 ``init()`` with no arguments starts Ray in this process's machine and Ray Serve's HTTP proxy on
-127.0.0.1, so a notebook or a spark-submit driver needs nothing running beforehand.
+127.0.0.1, so a notebook or a spark-submit driver needs nothing running beforehand. Binding any
+other address needs ``auth_token``: every route then requires ``Authorization: Bearer <token>``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,10 @@ logger = logging.getLogger(__name__)
 NAMESPACE = "byzerllm_spark"
 _KV_ENDPOINT = b"byzerllm_spark/endpoint"
 DEFAULT_HTTP_PORT = 8000
+#: Where callers that did not run ``init()`` (Spark executors, scripts) find the bearer token.
+AUTH_TOKEN_ENV = "BYZERLLM_AUTH_TOKEN"
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+MIN_TOKEN_LENGTH = 16
 
 
 @dataclass(frozen=True)
@@ -32,7 +37,7 @@ class ClusterInfo:
     dashboard_url: str | None = None
 
 
-_state: dict[str, Any] = {"info": None, "started_ray": False, "ray_on_spark": None}
+_state: dict[str, Any] = {"info": None, "started_ray": False, "ray_on_spark": None, "auth_token": None}
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -62,6 +67,7 @@ def init(
     ray_on_spark_workers: int | None = None,
     include_dashboard: bool | None = None,
     runtime_env: dict | None = None,
+    auth_token: str | None = None,
 ) -> ClusterInfo:
     """Connect to (or start) Ray and Ray Serve. Safe to call twice.
 
@@ -69,27 +75,37 @@ def init(
         ray_address: None starts an embedded local Ray; ``"auto"`` or ``"ray://host:10001"`` or
             ``"host:6379"`` joins an existing cluster (seed 000's ``rayAddress``).
         http_host: address Serve's HTTP proxy binds. Keep 127.0.0.1 unless executors on other
-            machines must reach it.
+            machines must reach it; any other address requires ``auth_token``.
         http_port: port of the proxy; None takes 8000, or a free port when 8000 is taken.
         num_cpus, num_gpus: resources of the embedded Ray (default: what the machine has).
         spark: with ``ray_on_spark_workers``, start Ray on the Spark cluster
             (``ray.util.spark.setup_ray_cluster``) and join it.
         include_dashboard: start Ray's dashboard (needed for detached jobs); default: Ray decides.
         runtime_env: Ray runtime environment for all workers.
+        auth_token: a secret of at least 16 characters (``secrets.token_urlsafe(32)``); default
+            ``$BYZERLLM_AUTH_TOKEN``. When set, every HTTP route (Arrow, stream, ``/v1``) answers 401
+            unless the request sends ``Authorization: Bearer <token>``; ``bls.chat`` and the Spark
+            functions send it (executors read ``$BYZERLLM_AUTH_TOKEN``: on a Spark cluster set
+            ``spark.executorEnv.BYZERLLM_AUTH_TOKEN``). The cluster stores only its sha256.
 
     Returns:
         ClusterInfo with the Ray address and the HTTP endpoint.
 
     Raises:
         ClusterError: Ray or Serve cannot be started or reached.
+        ConfigError: a non-loopback ``http_host`` without a token, or a token too short.
 
     Example:
         >>> import byzerllm_spark as bls
         >>> bls.init()  # doctest: +SKIP
+        >>> bls.init(http_host="0.0.0.0", auth_token=os.environ["BYZERLLM_AUTH_TOKEN"])  # doctest: +SKIP
     """
     import ray
 
+    token = _check_auth(http_host, auth_token)
     if _state["info"] is not None and ray.is_initialized():
+        if token:
+            _state["auth_token"] = token
         return _state["info"]
 
     if spark is not None and ray_on_spark_workers:
@@ -106,6 +122,9 @@ def init(
             init_kwargs["num_gpus"] = num_gpus
         if include_dashboard is not None:
             init_kwargs["include_dashboard"] = include_dashboard
+        # Ray starts workers at nice 15. Model workers are the point of this cluster: at nice 15
+        # they lose the CPU to Spark executors and the driver on the same machine.
+        init_kwargs["_system_config"] = {"worker_niceness": 0}
     try:
         if not ray.is_initialized():
             context = ray.init(address=ray_address, **init_kwargs)
@@ -118,7 +137,11 @@ def init(
             "Pass None for an embedded local Ray, or the address of a running cluster."
         ) from exc
 
-    endpoint = _start_serve(http_host, http_port)
+    endpoint = _start_serve(http_host, http_port, token)
+    _state["auth_token"] = token
+    if token:
+        # Spark's Python workers (local mode) inherit the driver's environment: they send it too.
+        os.environ.setdefault(AUTH_TOKEN_ENV, token)
     dashboard = getattr(context, "dashboard_url", None) if context is not None else None
     info = ClusterInfo(
         ray_address=ray.get_runtime_context().gcs_address,
@@ -131,24 +154,53 @@ def init(
     return info
 
 
-def _start_serve(http_host: str, http_port: int | None) -> str:
+def _check_auth(http_host: str, auth_token: str | None) -> str | None:
+    """The token to use (argument, else the environment); refuse an open non-loopback bind."""
+    token = auth_token if auth_token is not None else os.environ.get(AUTH_TOKEN_ENV) or None
+    if token is not None and (not isinstance(token, str) or len(token.strip()) < MIN_TOKEN_LENGTH
+                              or token != token.strip()):
+        # The value is a secret: never echo it.
+        raise ConfigError(
+            f"auth_token is not valid: use a string of at least {MIN_TOKEN_LENGTH} characters without "
+            "surrounding spaces, e.g. secrets.token_urlsafe(32)"
+        )
+    if http_host not in _LOOPBACK and not token:
+        raise ConfigError(
+            bad_value(
+                "http_host",
+                http_host,
+                "the proxy binds 127.0.0.1 by default; binding another address requires a token: "
+                "bls.init(http_host=..., auth_token=secrets.token_urlsafe(32)) or $BYZERLLM_AUTH_TOKEN. "
+                "Requests must then send 'Authorization: Bearer <token>'",
+            )
+        )
+    return token
+
+
+def auth_token() -> str | None:
+    """The bearer token this process sends: the one given to ``init()``, else ``$BYZERLLM_AUTH_TOKEN``."""
+    return _state.get("auth_token") or os.environ.get(AUTH_TOKEN_ENV) or None
+
+
+def _start_serve(http_host: str, http_port: int | None, token: str | None = None) -> str:
     from ray import serve
     from ray.experimental import internal_kv
+
+    from .serving import _auth
 
     if http_port is not None and (not isinstance(http_port, int) or not 0 <= http_port < 65536):
         raise ConfigError(bad_value("http_port", http_port, "use an integer port such as 8000, or None"))
     existing = internal_kv._internal_kv_get(_KV_ENDPOINT, namespace=NAMESPACE)
     if existing is not None and _serve_running():
-        return existing.decode()
-    if http_host not in ("127.0.0.1", "localhost", "::1") and not os.environ.get("BYZERLLM_ALLOW_PUBLIC_BIND"):
-        raise ConfigError(
-            bad_value(
-                "http_host",
-                http_host,
-                "the proxy binds 127.0.0.1 by default; to expose it on another address set "
-                "BYZERLLM_ALLOW_PUBLIC_BIND=1 and put an authenticating proxy in front of it",
+        required = _auth.stored_digest()
+        if token and required != _auth.digest(token):
+            raise ConfigError(
+                "auth_token is not valid for this cluster: its endpoint was started "
+                + ("with another token" if required else "without a token (open on loopback only)")
+                + "; pass the token it was started with, or none"
             )
-        )
+        return existing.decode()
+    _auth.publish(token)  # before any replica starts: each reads it once
     if http_port is None:
         http_port = DEFAULT_HTTP_PORT if _port_free(http_host, DEFAULT_HTTP_PORT) else _free_port(http_host)
     elif http_port == 0:
@@ -232,4 +284,4 @@ def shutdown() -> None:
 
         shutdown_ray_cluster()
     ray.shutdown()
-    _state.update(info=None, started_ray=False, ray_on_spark=None)
+    _state.update(info=None, started_ray=False, ray_on_spark=None, auth_token=None)

@@ -19,7 +19,7 @@ TYPED_KEY_TYPES = ("int", "float", "bool", "str", "list", "dict")
 #: Prefixes whose keys must carry a type: ``<prefix>.<type>.<name>``.
 TYPED_PREFIXES = ("sft", "sfft")
 LOAD_BALANCE_STRATEGIES = ("lru", "round_robin")
-SECRET_KEYS = frozenset({"api_key", "apikey", "api_secret", "secret_key", "token", "password"})
+SECRET_KEYS = frozenset({"api_key", "apikey", "api_secret", "secret_key", "token", "password", "headers"})
 REDACTED = "******"
 
 _TRUE = {"true", "1", "yes", "on"}

@@ -72,3 +72,27 @@ def test_llama_cpp_rejects_unknown_params(cluster):
         bls.deploy("smol_badparam", infer_backend="llama_cpp", cpus_per_worker=0.5, infer_params={"n_ctxx": "1"},
                    wait_ready_timeout=120)
     assert not bls.exists("smol_badparam")
+
+
+def test_deploy_from_a_model_table(cluster, tmp_path):
+    """Seed 003: a checkpoint saved as a Delta model table is deployed; workers materialise it."""
+    from byzerllm_spark.backends._model_files import default_model_dir
+
+    table = str(tmp_path / "ai_model" / "smollm2")
+    version = bls.save_model_table(default_model_dir(), table, metadata={"base": "SmolLM2-135M-Instruct"})
+    assert bls.model_table_history(table)[0]["metadata"] == {"base": "SmolLM2-135M-Instruct"}
+    bls.deploy("smol_table", model_table=table, infer_backend="llama_cpp", cpus_per_worker=1,
+               local_path_prefix=str(tmp_path / "cache"))
+    try:
+        info = bls.workers("smol_table")[0]
+        assert info["backend"] == "llama_cpp"
+        answer = bls.chat("smol_table", "Which city is the capital of France?", temperature=0, max_length=32)
+        assert answer == "The capital of France is Paris."
+        assert any((tmp_path / "cache").iterdir())  # materialised under the worker's local prefix
+    finally:
+        bls.undeploy("smol_table")
+    assert version >= 0
+    from byzerllm_spark.errors import ModelNotFoundError
+
+    with pytest.raises(ModelNotFoundError):
+        bls.deploy("smol_missing", model_table=str(tmp_path / "nope"))

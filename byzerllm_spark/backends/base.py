@@ -44,12 +44,14 @@ class Backend(abc.ABC):
     async def chat_batch(self, requests: "list[ChatRequest]") -> list[ChatResult]:
         """Answer every request, in order; a failed row gets ``ChatResult(error=...)``."""
 
-    async def stream_chat(self, request: "ChatRequest") -> AsyncIterator[str]:
-        """Yield pieces of one answer. Default: the whole answer as one piece."""
+    async def stream_chat(self, request: "ChatRequest") -> AsyncIterator[Any]:
+        """Yield pieces (str) of one answer; a last :class:`ChatResult` item may carry its metadata
+        (token usage, finish reason). Default: the whole answer as one piece, then its metadata."""
         (result,) = await self.chat_batch([request])
         if result.error:
             raise RuntimeError(result.error)
         yield result.response or ""
+        yield ChatResult(metadata=dict(result.metadata))
 
     async def embed_batch(self, texts: list[str]) -> list[list[float]]:
         raise NotImplementedError(f"backend {self.name!r} does not compute embeddings")

@@ -43,9 +43,13 @@ class LlamaCppBackend(Backend):
                 "or a directory holding one (use infer_backend='transformers' for Hugging Face directories)"
             )
         accepted = set(inspect.signature(Llama.__init__).parameters) - {"self", "model_path", "kwargs"}
+        threads = max(1, int(round(config.cpus_per_worker)))
         params: dict[str, Any] = {
             "n_ctx": 2048,
-            "n_threads": max(1, int(round(config.cpus_per_worker))),
+            # Both thread counts follow the worker's CPUs: llama.cpp's default batch threads (all
+            # cores) make two workers on one machine spin against each other.
+            "n_threads": threads,
+            "n_threads_batch": threads,
             "n_gpu_layers": -1 if config.gpus_per_worker > 0 else 0,
             "verbose": False,
         }

@@ -9,6 +9,7 @@ the model. Byzer-LLM plugins return ``[(text, meta)]``; this adapter also accept
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 from typing import Any, AsyncIterator
 
@@ -90,8 +91,11 @@ class PluginBackend(Backend):
         async with self._lock:
             return await asyncio.to_thread(self._run_rows, requests)
 
-    async def stream_chat(self, request) -> AsyncIterator[str]:
-        result = self.model.stream_chat(
+    async def stream_chat(self, request) -> AsyncIterator[Any]:
+        # The plugin is synchronous: call it (and step its generator) in a thread, under the
+        # worker's lock like chat_batch, so a slow plugin never blocks the replica's event loop.
+        call = functools.partial(
+            self.model.stream_chat,
             self.tokenizer,
             request.instruction,
             list(request.history),
@@ -100,11 +104,24 @@ class PluginBackend(Backend):
             temperature=request.temperature,
             **self._kwargs(request),
         )
-        if inspect.isgenerator(result):
-            for piece in result:
-                yield str(piece)
-        else:
-            yield _split_result(result)[0]
+        if self._lock is not None:
+            await self._lock.acquire()
+        try:
+            result = await asyncio.to_thread(call)
+            if inspect.isgenerator(result):
+                done = object()
+                while True:
+                    piece = await asyncio.to_thread(next, result, done)
+                    if piece is done:
+                        break
+                    yield str(piece)
+            else:
+                text, meta = _split_result(result)
+                yield text
+                yield ChatResult(metadata=meta)
+        finally:
+            if self._lock is not None:
+                self._lock.release()
 
     async def embed_batch(self, texts):
         fn = getattr(self.module, "embed", None)

@@ -1,4 +1,4 @@
-"""Names → backend builders. ``custom/auto`` + ``infer_backend``, plugins, and (later) ``saas/*``.
+"""Names → backend builders. ``custom/auto`` + ``infer_backend``, plugins, and ``saas/<vendor>``.
 
 Builders are ``"module:attr"`` strings so that nothing heavy is imported until a worker builds one.
 """
@@ -16,6 +16,8 @@ if TYPE_CHECKING:
     from .base import Backend
 
 ENTRY_POINT_GROUP = "byzerllm_spark.models"
+#: ``saas/<vendor>`` types are built by :mod:`.saas` (vendor table there) unless registered exactly.
+SAAS_PREFIX = "saas/"
 
 #: ``infer_backend`` names for ``pretrained_model_type="custom/auto"``.
 _INFER_BACKENDS: dict[str, str] = {}
@@ -52,7 +54,7 @@ def plugin_entry_points() -> dict[str, str]:
 
 
 def available_model_types() -> list[str]:
-    names = ["custom/auto"] + sorted(_MODEL_TYPES)
+    names = ["custom/auto", "saas/<vendor>"] + sorted(_MODEL_TYPES)
     names += [f"custom/{name}" for name in sorted(plugin_entry_points())]
     return names + ["custom/<module>", "<dotted.module.path>"]
 
@@ -102,6 +104,10 @@ def check(config: "DeployConfig") -> str:
         return backend
     if kind in _MODEL_TYPES:
         return kind
+    if kind.startswith(SAAS_PREFIX):
+        from .saas import check_config
+
+        return check_config(config)  # unknown vendors list the known ones
     module_name = plugin_module_name(kind)
     if module_name is not None:
         try:
@@ -130,6 +136,10 @@ def build(config: "DeployConfig", model_dir: str | None) -> "Backend":
         return _load(_INFER_BACKENDS[backend])(config, model_dir)
     if kind in _MODEL_TYPES:
         return _load(_MODEL_TYPES[kind])(config, model_dir)
+    if kind.startswith(SAAS_PREFIX):
+        from .saas import SaasBackend
+
+        return SaasBackend(config, model_dir)
     module_name = plugin_module_name(kind)
     if module_name is None:
         check(config)  # raises with the list

@@ -5,7 +5,12 @@ no extra hop. Routes:
 
 - ``POST /{model}/arrow``  Arrow IPC in, Arrow IPC out (the contract in ``_arrow.py``)
 - ``POST /{model}/embed``  Arrow IPC in (``params``: text or request JSON), embeddings out
+- ``POST /{model}/stream`` one request as JSON in, server-sent events out (``bls.stream_chat``)
 - ``GET  /{model}/info``   backend, model dir, replica id (JSON)
+
+With ``bls.init(auth_token=...)`` every route needs ``Authorization: Bearer <token>``. The OpenAI
+app (``_openai.py``) reaches the same replicas through deployment handles (``chat_batch``,
+``stream_chat``, ``embed_rows``).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from .. import _arrow
 from ..backends import registry
 from ..backends.base import ChatResult
 from ..request import RequestParseError, parse_request
+from ._auth import authorized, stored_digest, unauthorized_response
 
 logger = logging.getLogger("byzerllm_spark.worker")
 
@@ -65,6 +71,9 @@ class ModelWorker:
         self._seq = 0
         self._in_flight = 0
         self._total = 0
+        self._prompt_tokens = 0
+        self._completion_tokens = 0
+        self._auth = _auth_digest()
         self._started = started
         self._last_work = time.time()
         self._load_seconds = time.time() - started
@@ -86,6 +95,8 @@ class ModelWorker:
             "node_ip": _node_ip(),
             "backend": self.backend.name,
             "load_seconds": self._load_seconds,
+            "prompt_tokens": self._prompt_tokens,
+            "completion_tokens": self._completion_tokens,
         }
         try:
             self._stats.report.remote(self.replica, snapshot)
@@ -116,10 +127,66 @@ class ModelWorker:
                 answers = await self.backend.chat_batch(todo)
                 for i, answer in zip(todo_idx, answers):
                     results[i] = answer
+                    self._count_usage(answer.metadata)
             return results
         finally:
             self._in_flight -= 1
             self._total += len(params)
+            self._last_work = time.time()
+            self._report()
+
+    def _count_usage(self, metadata: dict | None) -> None:
+        if metadata:
+            self._prompt_tokens += _tokens(metadata.get("prompt_tokens"))
+            self._completion_tokens += _tokens(metadata.get("completion_tokens"))
+
+    async def stream_chat(self, params: Any):
+        """Handle method (streaming): one request in; yields ``{"text": piece}`` items, then
+        ``{"metadata": {...}}``, or ``{"error": message, "status": http_status}`` instead."""
+        try:
+            request = parse_request(params, self.generation_defaults)
+        except RequestParseError as exc:
+            yield {"error": str(exc), "status": 400}
+            return
+        if request is None:
+            yield {"error": "the request's instruction is null", "status": 400}
+            return
+        self._in_flight += 1
+        self._report()
+        metadata: dict[str, str] = {}
+        try:
+            async for piece in self.backend.stream_chat(request):
+                if isinstance(piece, ChatResult):  # a backend's closing item: usage and finish reason
+                    metadata.update(piece.metadata)
+                elif piece:
+                    yield {"text": str(piece)}
+            self._count_usage(metadata)
+            yield {"metadata": metadata}
+        except Exception as exc:  # the caller gets the error as an item; the replica goes on
+            yield _error_item(exc)
+        finally:
+            self._in_flight -= 1
+            self._total += 1
+            self._last_work = time.time()
+            self._report()
+
+    async def embed_rows(self, texts: list[str]) -> dict[str, Any]:
+        """Handle method: ``{"embeddings": [...]}`` or ``{"error": message, "status": code}``."""
+        if not self.backend.supports_embedding:
+            return {
+                "error": f"model {self.config.model!r} ({self.backend.name}) does not compute embeddings; deploy an "
+                "embedding model (infer_backend='embedding', or saas.embedding=true)",
+                "status": 400,
+            }
+        self._in_flight += 1
+        self._report()
+        try:
+            return {"embeddings": await self.backend.embed_batch(list(texts))}
+        except Exception as exc:
+            return _error_item(exc)
+        finally:
+            self._in_flight -= 1
+            self._total += len(texts)
             self._last_work = time.time()
             self._report()
 
@@ -149,6 +216,8 @@ class ModelWorker:
     async def __call__(self, request):
         from starlette.responses import JSONResponse, PlainTextResponse, Response
 
+        if self._auth and not authorized(request.headers, self._auth):
+            return unauthorized_response()
         path = request.url.path.rstrip("/")
         if request.method == "POST" and path.endswith("/arrow"):
             body = await request.body()
@@ -164,13 +233,35 @@ class ModelWorker:
             return Response(content=payload, media_type=_arrow.CONTENT_TYPE)
         if request.method == "POST" and path.endswith("/embed"):
             return await self._embed_http(request)
+        if request.method == "POST" and path.endswith("/stream"):
+            return await self._stream_http(request)
         if request.method == "GET" and path.endswith("/info"):
             return JSONResponse(self.info())
         return PlainTextResponse(
             f"unknown route {request.method} {request.url.path}; this model serves POST /{self.config.model}/arrow, "
-            f"POST /{self.config.model}/embed and GET /{self.config.model}/info",
+            f"POST /{self.config.model}/embed, POST /{self.config.model}/stream and GET /{self.config.model}/info",
             status_code=404,
         )
+
+    async def _stream_http(self, request):
+        from starlette.responses import PlainTextResponse, StreamingResponse
+
+        try:
+            params = json.loads(await request.body())
+        except json.JSONDecodeError as exc:
+            return PlainTextResponse(f"the body is not JSON ({exc}); send one request as a JSON object", status_code=400)
+        items = self.stream_chat(params)
+        first = await items.__anext__()
+        if "error" in first:
+            await items.aclose()
+            return PlainTextResponse(first["error"], status_code=first.get("status", 500))
+
+        async def events():
+            yield _sse(first)
+            async for item in items:
+                yield _sse(item)
+
+        return StreamingResponse(events(), media_type="text/event-stream")
 
     async def _embed_http(self, request):
         from starlette.responses import PlainTextResponse, Response
@@ -218,6 +309,32 @@ class ModelWorker:
             self.backend.close()
         except Exception:
             pass
+
+
+def _error_item(exc: Exception) -> dict[str, Any]:
+    """An error as a handle item; errors that carry an HTTP ``status`` (SaaS) keep it and their text."""
+    status = getattr(exc, "status", None)
+    if isinstance(status, int) and 400 <= status < 600:
+        return {"error": str(exc), "status": status}
+    return {"error": f"{type(exc).__name__}: {exc}", "status": 500}
+
+
+def _sse(item: dict) -> str:
+    return f"data: {json.dumps(item, ensure_ascii=False)}\n\n"
+
+
+def _tokens(value: Any) -> int:
+    try:
+        return max(0, int(value))
+    except (TypeError, ValueError):
+        return 0
+
+
+def _auth_digest() -> str | None:
+    try:
+        return stored_digest()
+    except Exception:  # not inside Ray (tests building the class directly)
+        return None
 
 
 def _node_ip() -> str:

@@ -18,6 +18,8 @@ from ..errors import ConfigError, DeploymentError, ModelNotFoundError, ResourceE
 logger = logging.getLogger(__name__)
 
 DEPLOYMENT_NAME = "ByzerLLMWorker"
+#: Requests a SaaS worker holds per upstream slot (see ``_run``).
+SAAS_QUEUE_DEPTH = 4
 
 
 def deploy(
@@ -45,7 +47,8 @@ def deploy(
     Args:
         model: the deployment's unique name (seed 002's ``--model``); also its URL prefix.
         pretrained_model_type: ``custom/auto`` (built-in engines), ``custom/<plugin>``, a dotted
-            module path of a seed 001 plugin, or (with the SaaS extra) ``saas/<vendor>``.
+            module path of a seed 001 plugin, or ``saas/<vendor>`` (an OpenAI-compatible API; the
+            ``saas.*`` keys of ``infer_params`` configure it, see ``backends/saas.py``).
         infer_backend: for ``custom/auto``: ``transformers`` (default when installed) or
             ``llama_cpp``.
         model_path: a Hugging Face model directory, a ``.gguf`` file or a directory holding one.
@@ -109,6 +112,7 @@ def deploy(
                 f"bls.undeploy({model!r}) first"
             )
         logger.info("reconnected to deployed model %r", model)
+        _openai_app()
         if spark is not None:
             _register_sql(spark, model, udf_name)
         return _stored_config(model) or config
@@ -128,9 +132,20 @@ def deploy(
             )
     _check_resources(config)
     _run(config, wait_ready_timeout)
+    _openai_app()
     if spark is not None:
         _register_sql(spark, model, udf_name)
     return config
+
+
+def _openai_app() -> None:
+    """Every deployment is also reachable at ``{endpoint}/v1`` (OpenAI-compatible); start that app once."""
+    from ._openai import ensure_openai_app
+
+    try:
+        ensure_openai_app()
+    except Exception as exc:  # the model itself is up; its Arrow route works without /v1
+        logger.warning("the OpenAI-compatible app (/v1) could not start: %s", str(exc).splitlines()[0][:500])
 
 
 def _register_sql(spark: Any, model: str, udf_name: str | None) -> None:
@@ -194,12 +209,16 @@ def _run(config: DeployConfig, wait_ready_timeout: float) -> None:
 
     ray.get(stats.snapshot.remote())  # created and reachable before any replica reports
     actor_options: dict[str, Any] = {"num_cpus": config.cpus_per_worker, "num_gpus": config.gpus_per_worker}
+    # A SaaS worker only waits on the network. It accepts a few requests more than it sends upstream
+    # at once (its backend keeps worker_concurrency upstream calls in flight), so the next batch is
+    # already there when one ends, instead of waiting out the router's retry backoff (25-500 ms).
+    max_ongoing = config.worker_concurrency * (SAAS_QUEUE_DEPTH if config.is_saas else 1)
     app = (
         serve.deployment(ModelWorker)
         .options(
             name=DEPLOYMENT_NAME,
             num_replicas=config.num_workers,
-            max_ongoing_requests=config.worker_concurrency,
+            max_ongoing_requests=max_ongoing,
             ray_actor_options=actor_options,
             request_router_config=RequestRouterConfig(request_router_class=router),
             health_check_period_s=5,
@@ -334,11 +353,13 @@ def _live_replicas(model: str) -> tuple[dict[str, Any], list[tuple[str, dict[str
 
 
 def stat(model: str) -> dict[str, Any]:
-    """Live worker counters of a model, with exactly seed 002's fields.
+    """Live worker counters of a model: seed 002's fields first, in its order, then token usage.
 
     Returns:
         ``total_workers, busy_workers, idle_workers, load_balance_strategy, total_requests[],
-        state[] (free slots per worker), worker_max_concurrency, workers_last_work_time[]``.
+        state[] (free slots per worker), worker_max_concurrency, workers_last_work_time[]``, then
+        ``total_prompt_tokens`` and ``total_completion_tokens`` (summed over the live workers, as
+        the backends report them: transformers, llama.cpp and SaaS vendors do; plugins may).
         ``total_requests`` counts requests (rows) answered by each worker.
 
     Raises:
@@ -357,6 +378,8 @@ def stat(model: str) -> dict[str, Any]:
         "state": [max(0, max_c - d["in_flight"]) for _, d in live],
         "worker_max_concurrency": max_c,
         "workers_last_work_time": [f"{max(0.0, now - d['last_work_time'])}s" for _, d in live],
+        "total_prompt_tokens": sum(d.get("prompt_tokens", 0) for _, d in live),
+        "total_completion_tokens": sum(d.get("completion_tokens", 0) for _, d in live),
     }
 
 
@@ -372,6 +395,8 @@ def workers(model: str) -> list[dict[str, Any]]:
             "load_seconds": round(d["load_seconds"], 3),
             "in_flight": d["in_flight"],
             "total_requests": d["total_requests"],
+            "prompt_tokens": d.get("prompt_tokens", 0),
+            "completion_tokens": d.get("completion_tokens", 0),
         }
         for replica, d in live
     ]

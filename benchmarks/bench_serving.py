@@ -1,0 +1,142 @@
+"""Serving figures (issue 2). Run: .venv/bin/python benchmarks/bench_serving.py [--skip-models]
+
+1. Seconds from deploy() to the first answer, embedded SmolLM2, both backends.
+2. Rows/s through the Arrow endpoint with the echo plugin (batches of 1,000) against the same
+   plugin called in-process on the same rows. Target: >= 50,000 rows/s.
+3. SmolLM2 tokens/s through a 2-worker deployment against the backend called in-process with the
+   same concurrency (2 threads, 2 model instances, 1 CPU each). Target: >= 0.9 of in-process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from _common import report
+
+import byzerllm_spark as bls
+from byzerllm_spark import _arrow
+from byzerllm_spark.client import post_arrow
+from byzerllm_spark.request import parse_request
+
+QUESTIONS = [
+    "What is the capital of France?", "Name three primary colors.", "What is 12 times 12?",
+    "Give me a synonym for happy.", "What do bees make?", "Which planet is known as the red planet?",
+    "Translate 'thank you' into Spanish.", "What is the boiling point of water in Celsius?",
+]
+
+
+def bench_first_answer() -> None:
+    for backend in ("transformers", "llama_cpp"):
+        start = time.perf_counter()
+        bls.deploy("bench_first", infer_backend=backend, num_workers=1, cpus_per_worker=1)
+        answer = bls.chat("bench_first", "What is the capital of France?", temperature=0, max_length=32)
+        seconds = time.perf_counter() - start
+        print(f"deploy -> first answer, {backend}: {seconds:.1f} s ({answer!r})", flush=True)
+        bls.undeploy("bench_first")
+
+
+def bench_overhead(total_rows: int, batch: int, inflight: int) -> None:
+    from byzerllm_spark.backends import echo
+
+    rows = [json.dumps({"instruction": f"row {i}", "temperature": "0"}) for i in range(total_rows)]
+    # Baseline: the plugin called in-process on the same rows (parse + stream_chat per row).
+    model, tok = echo.init_model(None, {}, {})
+    start = time.perf_counter()
+    for text in rows:
+        req = parse_request(text)
+        model.stream_chat(tok, req.instruction, list(req.history), max_length=req.max_length,
+                          top_p=req.top_p, temperature=req.temperature)
+    in_process = total_rows / (time.perf_counter() - start)
+
+    bls.deploy("bench_echo", pretrained_model_type="custom/echo", num_workers=2, cpus_per_worker=0.5,
+               worker_concurrency=max(1, inflight // 2))
+    endpoint = bls.endpoint()
+    bodies = [_arrow.encode_params(rows[i : i + batch]) for i in range(0, total_rows, batch)]
+    post_arrow(endpoint, "bench_echo", bodies[0])  # warm the connection and the route
+    start = time.perf_counter()
+    with ThreadPoolExecutor(inflight) as pool:
+        answered = sum(_arrow.decode_results(b).num_rows for b in pool.map(
+            lambda body: post_arrow(endpoint, "bench_echo", body), bodies))
+    through = answered / (time.perf_counter() - start)
+    assert answered == total_rows
+    report(f"Arrow endpoint, echo plugin, batches of {batch}, {inflight} in flight", through, in_process,
+           "rows/s", ">= 50,000 rows/s")
+    bls.undeploy("bench_echo")
+
+
+def bench_tokens(requests_per_worker: int, max_length: int, backend: str) -> None:
+    from byzerllm_spark.backends import registry
+    from byzerllm_spark.backends._model_files import default_model_dir
+    from byzerllm_spark.config import DeployConfig
+
+    prompts = [{"instruction": QUESTIONS[i % len(QUESTIONS)], "temperature": 0, "max_length": max_length}
+               for i in range(2 * requests_per_worker)]
+
+    # In-process: two backend instances, two threads, the same requests one at a time.
+    config = DeployConfig(model="inproc", infer_backend=backend, cpus_per_worker=1)
+    instances = [registry.build(config, default_model_dir()) for _ in range(2)]
+    tokens = [0, 0]
+
+    def drive(k: int) -> None:
+        loop = asyncio.new_event_loop()
+        for p in prompts[k::2]:
+            (res,) = loop.run_until_complete(instances[k].chat_batch([parse_request(p)]))
+            tokens[k] += int(res.metadata["completion_tokens"])
+        loop.close()
+
+    threads = [threading.Thread(target=drive, args=(k,)) for k in range(2)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    in_process = sum(tokens) / (time.perf_counter() - start)
+    for inst in instances:
+        inst.close()
+    del instances
+
+    bls.deploy("bench_smol", infer_backend=backend, num_workers=2, cpus_per_worker=1)
+    bls.chat("bench_smol", "hi", max_length=4)
+    served_tokens = [0]
+    lock = threading.Lock()
+
+    def call(p: dict) -> None:
+        (row,) = bls.chat_batch("bench_smol", [p], with_metadata=True)
+        with lock:
+            served_tokens[0] += int(row["metadata"]["completion_tokens"])
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(call, prompts))
+    served = served_tokens[0] / (time.perf_counter() - start)
+    report(f"SmolLM2 ({backend}) tokens/s, 2 workers via Serve vs 2 in-process", served, in_process,
+           "tokens/s", ">= 0.9 of in-process")
+    bls.undeploy("bench_smol")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=200_000)
+    parser.add_argument("--batch", type=int, default=1000)
+    parser.add_argument("--inflight", type=int, default=4)
+    parser.add_argument("--requests", type=int, default=8, help="SmolLM2 requests per worker")
+    parser.add_argument("--skip-models", action="store_true", help="only the echo overhead figure")
+    args = parser.parse_args()
+    bls.init(http_port=0, include_dashboard=False)
+    try:
+        bench_overhead(args.rows, args.batch, args.inflight)
+        if not args.skip_models:
+            bench_first_answer()
+            for backend in ("transformers", "llama_cpp"):
+                bench_tokens(args.requests, 32, backend)
+    finally:
+        bls.shutdown()
+
+
+if __name__ == "__main__":
+    main()
