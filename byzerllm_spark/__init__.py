@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 
 # name -> module that defines it; resolved on first attribute access (PEP 562).
 _EXPORTS = {
+    "cancel_job": "finetune",
     "chat": "client",
     "chat_batch": "client",
     "deploy": "serving.api",
@@ -23,17 +24,26 @@ _EXPORTS = {
     "endpoint": "cluster",
     "exists": "serving.api",
     "init": "cluster",
+    "job_logs": "finetune",
+    "job_output": "finetune",
+    "job_status": "finetune",
+    "list_jobs": "finetune",
     "list_models": "serving.api",
     "load_model_table": "model_table",
     "model_table_history": "model_table",
     "read_model_table": "model_table",
     "register_functions": "spark",
     "register_model_function": "spark",
+    "resume_job": "finetune",
     "save_model_table": "model_table",
+    "sfft": "finetune",
+    "sft": "finetune",
     "shutdown": "cluster",
     "stat": "serving.api",
     "stream_chat": "client",
+    "to_ray_dataset": "finetune",
     "undeploy": "serving.api",
+    "wait": "finetune",
     "workers": "serving.api",
 }
 

@@ -57,9 +57,9 @@ def deployed_routes(endpoint: str) -> list[str]:
         routes = _session().get(f"{endpoint}/-/routes", timeout=10).json()
     except Exception:
         return []
-    return sorted(
-        prefix.strip("/") for prefix, app in routes.items() if prefix.strip("/") and app != "byzerllm_openai"
-    )
+    from .serving._openai import OPENAI_APP
+
+    return sorted(prefix.strip("/") for prefix, app in routes.items() if prefix.strip("/") and app != OPENAI_APP)
 
 
 def post_arrow(

@@ -4,11 +4,16 @@ session; `spark` starts one local SparkSession for the session. Both are stopped
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Spark starts its Python workers with `python3` from PATH unless told otherwise; run them with
+# this interpreter so they see the same packages (the README's command does not activate .venv).
+os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
 
 
 @pytest.fixture(scope="session")

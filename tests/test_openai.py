@@ -231,3 +231,22 @@ def test_non_loopback_bind_requires_a_token_and_401s_without_it(tmp_path):
     assert out["env_set_for_executors"]
     assert "401" in out["client_without_token"] and "auth_token" in out["client_without_token"]
     assert "tok-xxxx" not in proc.stdout.replace(lines[-1], "") + proc.stderr
+
+
+@pytest.mark.slow
+def test_real_model_over_v1_reports_usage(deployed, client):
+    """The embedded SmolLM2 (transformers) through the openai client: real tokens in usage and stat."""
+    import byzerllm_spark as bls
+
+    deployed("oa_smol", cpus_per_worker=1)
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    answer = client.chat.completions.create(model="oa_smol", messages=question, temperature=0, max_tokens=24)
+    assert "Paris" in answer.choices[0].message.content
+    assert answer.usage.prompt_tokens > 5 and 0 < answer.usage.completion_tokens <= 24
+    chunks = list(client.chat.completions.create(model="oa_smol", messages=question, temperature=0, max_tokens=24,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == answer.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == answer.usage.completion_tokens
+    stat = bls.stat("oa_smol")
+    assert stat["total_prompt_tokens"] == 2 * answer.usage.prompt_tokens
+    assert stat["total_completion_tokens"] == 2 * answer.usage.completion_tokens

@@ -275,7 +275,7 @@ def test_api_key_never_leaks(deployed, upstream, spark, capfd):
 
     time.sleep(2)  # let Ray flush worker logs
     session_dir = ray._private.worker.global_worker.node.get_session_dir_path()
-    leaked = []
+    leaked, scanned, mentions = [], 0, 0
     for root, _dirs, files in os.walk(session_dir):
         for name in files:
             path = os.path.join(root, name)
@@ -283,8 +283,12 @@ def test_api_key_never_leaks(deployed, upstream, spark, capfd):
                 if not os.path.isfile(path) or os.path.getsize(path) > 200_000_000:
                     continue
                 with open(path, "rb") as f:
-                    if key.encode() in f.read():
-                        leaked.append(path)
+                    data = f.read()
             except OSError:
                 continue
+            scanned += 1
+            mentions += b"saas_leaky" in data
+            if key.encode() in data:
+                leaked.append(path)
     assert not leaked, leaked
+    assert scanned > 10 and mentions > 0, (session_dir, scanned, mentions)  # the logs of this very session

@@ -129,7 +129,9 @@ class SaasOptions:
             )
         base_url = str(base_url).strip().rstrip("/")
         if not base_url.startswith(("http://", "https://")):
-            raise ConfigError(bad_value("saas.base_url", base_url, "use an http(s) URL such as 'https://api.moonshot.cn/v1'"))
+            raise ConfigError(
+                bad_value("saas.base_url", base_url, "use an http(s) URL such as 'https://api.moonshot.cn/v1'")
+            )
         model = given.get("model")
         if not model or not isinstance(model, str):
             raise ConfigError(
@@ -315,13 +317,11 @@ class SaasBackend(Backend):
                     hint = " (check saas.api_key)" if status in (401, 403) else ""
                     raise SaasError(self.scrub(self._describe(error + hint)), status, retries)
             if retries >= self.options.max_retries:
-                raise SaasError(
-                    self.scrub(self._describe(f"{error} (after {retries} retries; raise saas.max_retries or lower saas.qps)")),
-                    status or 502,
-                    retries,
-                )
+                hint = f"{error} (after {retries} retries; raise saas.max_retries or lower saas.qps)"
+                raise SaasError(self.scrub(self._describe(hint)), status or 502, retries)
             retries += 1
-            delay = min(self.options.backoff * 2 ** (retries - 1), self.options.max_backoff) * (0.5 + random.random() / 2)
+            delay = min(self.options.backoff * 2 ** (retries - 1), self.options.max_backoff)
+            delay *= 0.5 + random.random() / 2  # jitter: workers hit by the same 429 do not retry in step
             if retry_after is not None:
                 delay = min(max(delay, retry_after), self.options.max_backoff)
             await asyncio.sleep(delay)
@@ -330,8 +330,9 @@ class SaasBackend(Backend):
         resp, retries = await self._send(path, body)
         try:
             data = await resp.json(content_type=None)
-        except (ValueError, Exception) as exc:
-            raise SaasError(self.scrub(self._describe(f"the answer is not JSON ({type(exc).__name__})")), 502, retries) from None
+        except Exception as exc:  # aiohttp's ContentTypeError, JSONDecodeError...
+            what = f"the answer is not JSON ({type(exc).__name__})"
+            raise SaasError(self.scrub(self._describe(what)), 502, retries) from None
         finally:
             resp.release()
         if not isinstance(data, dict):
@@ -409,7 +410,8 @@ class SaasBackend(Backend):
                     except json.JSONDecodeError:
                         continue
                     if chunk.get("error"):
-                        raise SaasError(self.scrub(self._describe(f"stream error {json.dumps(chunk['error'])[:300]}")), 502, retries)
+                        what = f"stream error {json.dumps(chunk['error'])[:300]}"
+                        raise SaasError(self.scrub(self._describe(what)), 502, retries)
                     if chunk.get("usage"):
                         usage = chunk["usage"]
                     for choice in chunk.get("choices") or []:

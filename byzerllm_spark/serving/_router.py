@@ -36,6 +36,9 @@ class LRURequestRouter(FIFOMixin, RequestRouter):
             return []
         last = self._last_routed
         ranked = sorted(candidate_replicas, key=lambda r: last.get(r.replica_id, 0.0))
+        # Requests that arrive together are ranked before any of them is routed: claim the first
+        # pick now, or they all go to the same replica whenever it has room for more than one.
+        last[ranked[0].replica_id] = time.monotonic()
         return [[replica] for replica in ranked]
 
     def on_request_routed(self, pending_request, replica_id, result) -> None:

@@ -124,7 +124,11 @@ class ModelWorker:
                 except RequestParseError as exc:
                     results[i] = ChatResult(error=str(exc))
             if todo:
-                answers = await self.backend.chat_batch(todo)
+                try:
+                    answers = await self.backend.chat_batch(todo)
+                except Exception as exc:  # the engine failed the whole batch: each row says why
+                    logger.exception("backend %s failed a batch of %d", self.backend.name, len(todo))
+                    answers = [ChatResult(error=f"{type(exc).__name__}: {exc}")] * len(todo)
                 for i, answer in zip(todo_idx, answers):
                     results[i] = answer
                     self._count_usage(answer.metadata)

@@ -57,7 +57,8 @@ def deploy(
         num_workers: replicas (seed 000's ``maxConcurrency``).
         cpus_per_worker, gpus_per_worker: Ray resources per replica; fractions allowed.
             cpus_per_worker defaults to 1 (0.001 for SaaS types, as in seed 002).
-        worker_concurrency: requests one worker takes at once (``max_ongoing_requests``).
+        worker_concurrency: requests one worker takes at once (``max_ongoing_requests``). For
+            ``saas/*``: upstream calls one worker makes at once; it queues up to 4x that many.
         infer_params: the seed's string map: ``saas.*``, ``backend.*``, ``generation.*``, plain keys.
         load_balance: ``lru`` (default) or ``round_robin``.
         reconnect: reuse a live deployment of the same name instead of refusing.

@@ -1,0 +1,308 @@
+"""Finetune from Spark tables (seeds 001 and 003).
+
+A Spark table of conversations (Alpaca, Moss, OpenAI ``messages``, ShareGPT) or of raw text is
+pushed by Spark's executors into data servers in Ray (:mod:`.data_servers`), then a training job
+reads it as a ``ray.data.Dataset``: LoRA/QLoRA SFT (:mod:`.sft`) or continued pretraining on
+several Ray Train workers (:mod:`.sfft`). Jobs run detached as Ray Jobs (:mod:`.jobs`) with
+status, logs, progress, cancel and resume; the output is a model directory ready for
+``bls.deploy(model_path=bls.job_output(job))``.
+
+Importing this package is light: Spark, Ray, torch, transformers and peft load when used.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+from ..errors import ConfigError, bad_value
+from .formats import FormatError
+from .jobs import (
+    FinetuneJob,
+    JobError,
+    cancel_job,
+    job_logs,
+    job_output,
+    job_status,
+    list_jobs,
+    resume_job,
+    wait,
+)
+
+__all__ = [
+    "FinetuneJob",
+    "FormatError",
+    "JobError",
+    "cancel_job",
+    "job_logs",
+    "job_output",
+    "job_status",
+    "list_jobs",
+    "resume_job",
+    "sfft",
+    "sft",
+    "to_ray_dataset",
+    "wait",
+]
+
+
+def to_ray_dataset(df: Any, **kwargs: Any):
+    """A Spark DataFrame as a ``ray.data.Dataset`` through data servers; see :mod:`.data_servers`."""
+    from .data_servers import to_ray_dataset as _to_ray_dataset
+
+    return _to_ray_dataset(df, **kwargs)
+
+
+def _check_common(df: Any, num_gpus: Any, num_workers: Any, cpus_per_worker: Any) -> None:
+    if not hasattr(df, "mapInArrow") or not hasattr(df, "columns"):
+        raise ConfigError(bad_value("df", type(df).__name__, "pass a Spark DataFrame, e.g. spark.table('sft_data')"))
+    for param, value, minimum in (("num_gpus", num_gpus, 0), ("cpus_per_worker", cpus_per_worker, 0.001)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
+            raise ConfigError(bad_value(param, value, f"use a number >= {minimum:g}"))
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
+        raise ConfigError(bad_value("num_workers", num_workers, "use an integer >= 1"))
+
+
+def _plugin_module(pretrained_model_type: str | None, kind: str) -> str | None:
+    """The seed 001 plugin module for ``custom/<module>`` types that define ``<kind>_train``."""
+    if pretrained_model_type in (None, "custom/auto", f"{kind}/auto"):
+        return None
+    import importlib
+
+    from ..backends.registry import plugin_module_name
+
+    name = pretrained_model_type
+    # seed 003 names training types sft/<model> and sfft/<model>: the built-in trainer handles those.
+    if name.startswith(("sft/", "sfft/")):
+        return None
+    module_name = plugin_module_name(name)
+    if module_name is None:
+        raise ConfigError(bad_value("pretrained_model_type", name,
+                                    "use None, 'sft/<model>' (built-in trainer) or 'custom/<module>' with a "
+                                    f"{kind}_train(data_refs, train_params, conf) function"))
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"pretrained_model_type={name!r}: module {module_name!r} cannot be imported ({exc})") from None
+    if not callable(getattr(module, f"{kind}_train", None)):
+        raise ConfigError(f"pretrained_model_type={name!r}: module {module_name!r} has no {kind}_train(data_refs, "
+                          "train_params, conf) (seed 001)")
+    return module_name
+
+
+def _prepare(kind: str, df: Any, *, model_path: str | None, output: str | None, name: str | None,
+             params: Mapping[str, Any] | None, num_gpus: float, num_workers: int, cpus_per_worker: float,
+             detached: bool, keep_partition_num: bool, pretrained_model_type: str | None, fmt: str | None,
+             deepspeed_config: Any, sys_conf: Mapping[str, Any] | None, data_server_host: str | None,
+             keep_data: bool) -> dict[str, Any]:
+    from .. import cluster
+    from . import jobs
+    from ._model import check_base_model
+    from .params import SfftConfig, SftConfig
+
+    _check_common(df, num_gpus, num_workers, cpus_per_worker)
+    params = dict(params or {})
+    if kind == "sft":
+        SftConfig.parse(params)
+    else:
+        SfftConfig.parse(params, deepspeed_config)
+        if deepspeed_config not in (None, ""):
+            import importlib.util
+
+            if importlib.util.find_spec("deepspeed") is None:
+                raise ConfigError("deepspeedConfig needs DeepSpeed on the training nodes: pip install deepspeed "
+                                  "(or leave deepspeedConfig out to train with DDP)")
+    plugin = _plugin_module(pretrained_model_type, kind)
+    info = cluster.ensure_init()
+    if model_path is not None and not isinstance(model_path, str):
+        raise ConfigError(bad_value("model_path", model_path, "pass a model directory or .gguf path, or None"))
+    if info.embedded or model_path is None or os.path.exists(model_path):
+        if plugin is None:
+            check_base_model(model_path)
+    jobs.check_resources(kind, float(num_gpus), num_workers if kind == "sfft" else 1, float(cpus_per_worker))
+    if detached:
+        jobs.job_client()  # no job server: say so now, before any data moves
+    job_id = jobs.new_job_id(kind, name)
+    root = os.path.expanduser(output or jobs.DEFAULT_OUTPUT)
+    return {
+        "job_id": job_id, "kind": kind, "output": os.path.join(os.path.abspath(root), job_id),
+        "model_path": model_path, "params": {k: v for k, v in params.items()}, "num_gpus": float(num_gpus),
+        "num_workers": num_workers, "cpus_per_worker": float(cpus_per_worker), "detached": bool(detached),
+        "keep_partition_num": bool(keep_partition_num), "plugin": plugin, "format": fmt,
+        "deepspeed": deepspeed_config if not isinstance(deepspeed_config, str) else (deepspeed_config or None),
+        "sys_conf": dict(sys_conf or {}), "train_params": params, "data_server_host": data_server_host,
+        "keep_data": bool(keep_data), "resume": False,
+    }
+
+
+def _push(spec: dict[str, Any], df: Any, transform, detached: bool) -> None:
+    from .data_servers import push, release
+
+    servers, summaries = push(df, name=f"byzerllm-data-{spec['job_id']}", detached=detached, transform=transform,
+                              host=spec.get("data_server_host"))
+    bad = [s for s in summaries if s["error"]]
+    if bad:
+        release(servers)
+        import json
+
+        first = json.loads(bad[0]["error"])
+        raise FormatError(f"partition {bad[0]['partition']}, row {first['row']}: {first['message']}")
+    if servers.rows == 0:
+        release(servers)
+        raise ConfigError("the training table is empty: it has no rows to train on (check the query or filter "
+                          "that built it)")
+    spec["data"] = servers.to_json()
+
+
+def sft(
+    df: Any,
+    model_path: str | None = None,
+    *,
+    output: str | None = None,
+    name: str | None = None,
+    params: Mapping[str, Any] | None = None,
+    num_gpus: float = 0,
+    cpus_per_worker: float = 1,
+    detached: bool = True,
+    format: str = "auto",
+    keep_partition_num: bool = False,
+    pretrained_model_type: str | None = None,
+    sys_conf: Mapping[str, Any] | None = None,
+    data_server_host: str | None = None,
+    progress: bool = True,
+) -> FinetuneJob:
+    """Supervised finetuning (LoRA; QLoRA in 4-bit where CUDA and bitsandbytes exist) on a Spark table.
+
+    Args:
+        df: conversations in Alpaca, Moss, OpenAI ``messages`` or ShareGPT columns (see
+            :mod:`.formats`); pushed by the executors into Ray, never collected on the driver.
+        model_path: the base model, a Hugging Face directory or a GGUF file/directory; None: the
+            embedded SmolLM2-135M-Instruct.
+        output: the jobs folder (seed's ``localPathPrefix``); the job writes ``<output>/<job_id>``.
+            Default ``~/.byzerllm_spark/jobs``.
+        name: a label in the job id (seed: the Actor's name ``sft-<name>-<time>-<uuid>``).
+        params: seed 003's typed keys, ``{"sft.int.max_seq_length": "512", ...}`` over
+            DEFAULT_QLORA_CONFIG (see :mod:`.params` for the adapted defaults).
+        num_gpus: GPUs of the one machine that trains (0: CPU).
+        cpus_per_worker: CPUs the training process reserves (and torch threads).
+        detached: run as a Ray Job and return at once (needs the dashboard, see :mod:`.jobs`);
+            False: train in a Ray task and return when done.
+        format: ``auto`` (from the columns) or ``alpaca``/``moss``/``openai``/``sharegpt``.
+        keep_partition_num: keep one data block per Spark partition (seed's ``keepPartitionNum``).
+        pretrained_model_type: ``custom/<module>``: a seed 001 plugin whose ``sft_train(data_refs,
+            train_params, conf)`` trains instead of the built-in trainer.
+        data_server_host: the address executors push to (default: see :mod:`.data_servers`).
+        progress: show a progress bar while waiting (detached=False).
+
+    Returns:
+        the FinetuneJob; ``bls.wait(job)``, then ``bls.job_output(job)`` is the merged model dir.
+
+    Raises:
+        FormatError: no recognised columns, or a row that fits no format (named, with its columns).
+        ConfigError: an empty table, a bad typed key, a model_path that is not a model.
+        ResourceError: num_gpus or CPUs the cluster can never give.
+        ClusterError: detached=True on a cluster without a job server.
+        JobError: (detached=False) the training failed.
+
+    Example:
+        >>> job = bls.sft(spark.table("sft_data"), params={"sft.int.max_seq_length": "512"})  # doctest: +SKIP
+        >>> bls.wait(job); bls.deploy("smol_ft", model_path=bls.job_output(job))  # doctest: +SKIP
+    """
+    from .formats import arrow_normaliser, detect_format, format_columns
+
+    spec = _prepare("sft", df, model_path=model_path, output=output, name=name, params=params, num_gpus=num_gpus,
+                    num_workers=1, cpus_per_worker=cpus_per_worker, detached=detached,
+                    keep_partition_num=keep_partition_num, pretrained_model_type=pretrained_model_type, fmt=format,
+                    deepspeed_config=None, sys_conf=sys_conf, data_server_host=data_server_host, keep_data=False)
+    if spec["plugin"]:
+        _push(spec, df, None, detached)  # a plugin gets the table's own columns (seed 001)
+    else:
+        fmt = detect_format(df.columns, format)
+        spec["format"] = fmt
+        _push(spec, df.select(*format_columns(fmt, df.columns)), arrow_normaliser(fmt), detached)
+    from .jobs import submit
+
+    return submit(spec, progress=progress)
+
+
+def sfft(
+    df: Any,
+    model_path: str | None = None,
+    *,
+    output: str | None = None,
+    name: str | None = None,
+    params: Mapping[str, Any] | None = None,
+    num_workers: int | None = None,
+    num_gpus: float = 0,
+    cpus_per_worker: float = 1,
+    detached: bool = True,
+    keep_partition_num: bool = False,
+    deepspeed_config: Any = None,
+    pretrained_model_type: str | None = None,
+    sys_conf: Mapping[str, Any] | None = None,
+    data_server_host: str | None = None,
+    progress: bool = True,
+) -> FinetuneJob:
+    """Continued pretraining on raw text, on ``num_workers`` Ray Train workers (DDP; gloo on CPU).
+
+    Args:
+        df: a table with the text in ``sfft.str.text_column`` (default: a column named ``text`` or
+            ``content``, else the only string column).
+        num_workers: training workers; default ``num_gpus`` when GPUs are asked for, else 1.
+        num_gpus: GPUs in all (seed 001: ``!byzerllm setup "num_gpus=12"``), split over the workers.
+        cpus_per_worker: CPUs per worker (and its torch threads).
+        keep_partition_num: workers read whole Spark partitions as they were (seed's
+            ``keepPartitionNum``); otherwise Ray Data splits the rows evenly between workers.
+        deepspeed_config: the seed's ``deepspeedConfig`` (JSON text or dict); needs DeepSpeed.
+        params: ``sfft.<type>.<name>`` keys, e.g. ``{"sfft.int.max_length": "128"}``; see
+            ``params.DEFAULT_SFFT_CONFIG``.
+        Other arguments: as for :func:`sft`.
+
+    Returns:
+        the FinetuneJob. Checkpoints are written every epoch; ``resume_job`` continues a stopped one.
+
+    Example:
+        >>> job = bls.sfft(spark.table("raw_text"), num_workers=2, params={"sfft.int.max_length": "128"})  # doctest: +SKIP
+    """
+    from .params import SfftConfig
+
+    if num_workers is None:
+        num_workers = int(num_gpus) if num_gpus and float(num_gpus).is_integer() and num_gpus >= 1 else 1
+    spec = _prepare("sfft", df, model_path=model_path, output=output, name=name, params=params, num_gpus=num_gpus,
+                    num_workers=num_workers, cpus_per_worker=cpus_per_worker, detached=detached,
+                    keep_partition_num=keep_partition_num, pretrained_model_type=pretrained_model_type, fmt=None,
+                    deepspeed_config=deepspeed_config, sys_conf=sys_conf, data_server_host=data_server_host,
+                    keep_data=False)
+    if spec["plugin"]:
+        _push(spec, df, None, detached)
+    else:
+        column = _text_column(df, SfftConfig.parse(params or {}, deepspeed_config)["text_column"])
+        from pyspark.sql import functions as F
+
+        text = df.select(F.col(column).cast("string").alias("text")).where(F.col("text").isNotNull() & (F.length("text") > 0))
+        _push(spec, text, None, detached)
+    from .jobs import submit
+
+    return submit(spec, progress=progress)
+
+
+def _text_column(df: Any, configured: str) -> str:
+    from .formats import FormatError as _FormatError
+
+    columns = list(df.columns)
+    if configured:
+        if configured not in columns:
+            raise _FormatError(f"sfft.str.text_column={configured!r} is not a column of the table (its columns: "
+                               f"{', '.join(columns) or 'none'})")
+        return configured
+    for candidate in ("text", "content"):
+        if candidate in columns:
+            return candidate
+    strings = [f.name for f in df.schema.fields if f.dataType.typeName() == "string"]
+    if len(strings) == 1:
+        return strings[0]
+    raise _FormatError(
+        "the pretraining table has no recognised text column (its columns: "
+        f"{', '.join(columns) or 'none'}): expected a column named text or content, a single string column, "
+        "or sfft.str.text_column naming one"
+    )

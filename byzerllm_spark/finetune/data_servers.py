@@ -1,0 +1,343 @@
+"""Data servers: Spark partitions pushed into Ray as Arrow, with no shared filesystem.
+
+A data server is a Ray actor running a small HTTP server. Each Spark task (``df.mapInArrow``)
+streams its partition's record batches to one server as Arrow IPC over HTTP; the server puts each
+received block into the Ray object store (it owns the objects) and keeps the refs, keyed by
+``(partition, seq)`` so that a retried or speculative Spark task replaces its own blocks instead of
+adding rows twice. The Spark job returns one small summary row per partition (rows, bytes, the
+first bad row), so nothing of the table is collected on the driver. The training job then reads
+the blocks as a ``ray.data.Dataset`` (``ray.data.from_arrow_refs``).
+
+A server created for a detached job is itself detached and named after the job: the data outlives
+the caller's process and stays for a resumed run; the job removes it when it succeeds.
+
+Security: every push carries a random bearer token made for that server set; servers bind
+127.0.0.1 on an embedded cluster and the node's address otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+from .. import cluster
+from ..errors import ClusterError, ConfigError
+
+logger = logging.getLogger(__name__)
+
+#: Arrow IPC bytes per HTTP request from one Spark task; larger partitions send several.
+PUSH_CHUNK_BYTES = 64 << 20
+_SUMMARY_SCHEMA = "partition int, rows long, bytes long, error string"
+
+
+class _DataServer:
+    """The actor: an HTTP endpoint that turns pushed Arrow IPC streams into object refs."""
+
+    def __init__(self, token: str, bind_host: str, advertise_host: str | None) -> None:
+        import http.server
+
+        import ray
+
+        self._token = token
+        self._refs: dict[tuple[int, int], Any] = {}
+        self._rows: dict[tuple[int, int], int] = {}
+        self._bytes: dict[tuple[int, int], int] = {}
+        self._lock = threading.Lock()
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):  # quiet: one line per push is noise in the actor log
+                pass
+
+            def _reply(self, code: int, body: dict) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_POST(self):  # noqa: N802 - http.server's naming
+                if self.headers.get("Authorization") != f"Bearer {server._token}":
+                    self._reply(401, {"error": "bad or missing token"})
+                    return
+                try:
+                    length = int(self.headers.get("Content-Length", "0"))
+                    partition = int(self.headers["X-Partition"])
+                    seq = int(self.headers.get("X-Seq", "0"))
+                    body = self.rfile.read(length)
+                    rows = server._store(partition, seq, body)
+                    self._reply(200, {"rows": rows})
+                except Exception as exc:  # the Spark task reports it
+                    self._reply(400, {"error": f"{type(exc).__name__}: {exc}"})
+
+        self._http = http.server.ThreadingHTTPServer((bind_host, 0), Handler)
+        self._http.daemon_threads = True
+        host = advertise_host or (bind_host if bind_host not in ("0.0.0.0", "") else ray.util.get_node_ip_address())
+        self._address = f"http://{host}:{self._http.server_address[1]}"
+        threading.Thread(target=self._http.serve_forever, name="data-server", daemon=True).start()
+
+    def _store(self, partition: int, seq: int, body: bytes) -> int:
+        import pyarrow as pa
+        import ray
+
+        table = pa.ipc.open_stream(pa.py_buffer(body)).read_all()
+        ref = ray.put(table)
+        with self._lock:
+            if seq == 0:  # a retried task starts again at seq 0: drop what its earlier attempt sent
+                for key in [k for k in self._refs if k[0] == partition]:
+                    del self._refs[key], self._rows[key], self._bytes[key]
+            self._refs[(partition, seq)] = ref
+            self._rows[(partition, seq)] = table.num_rows
+            self._bytes[(partition, seq)] = len(body)
+        return table.num_rows
+
+    def address(self) -> str:
+        return self._address
+
+    def blocks(self) -> list[tuple[int, int, int, Any]]:
+        """``(partition, seq, rows, ref)`` for every block, in partition order."""
+        with self._lock:
+            return [(p, s, self._rows[(p, s)], self._refs[(p, s)]) for p, s in sorted(self._refs)]
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return {"blocks": len(self._refs), "rows": sum(self._rows.values()), "bytes": sum(self._bytes.values())}
+
+    def close(self) -> None:
+        self._http.shutdown()
+        with self._lock:
+            self._refs.clear()
+
+
+@dataclass
+class DataServers:
+    """A set of data servers holding one table's partitions.
+
+    Attributes:
+        names: the Ray actor names (namespace ``byzerllm_spark``).
+        rows, partitions: what the push delivered.
+    """
+
+    names: list[str]
+    token: str = field(repr=False, default="")
+    addresses: list[str] = field(default_factory=list)
+    rows: int = 0
+    partitions: int = 0
+    bytes: int = 0
+
+    def handles(self) -> list[Any]:
+        import ray
+
+        return [ray.get_actor(name, namespace=cluster.NAMESPACE) for name in self.names]
+
+    def blocks(self) -> list[tuple[int, int, int, Any]]:
+        import ray
+
+        out = []
+        for blocks in ray.get([h.blocks.remote() for h in self.handles()]):
+            out.extend(blocks)
+        return sorted(out, key=lambda b: (b[0], b[1]))
+
+    def refs(self) -> list[Any]:
+        """Object refs of the pushed Arrow tables, in partition order."""
+        return [b[3] for b in self.blocks()]
+
+    def dataset(self):
+        """The pushed rows as a ``ray.data.Dataset`` (one block per pushed chunk)."""
+        import ray.data
+
+        refs = self.refs()
+        if not refs:
+            raise ConfigError("the data servers hold no rows: the table was empty")
+        return ray.data.from_arrow_refs(refs)
+
+    def close(self) -> None:
+        """Kill the servers; their objects are freed with them."""
+        import ray
+
+        for name in self.names:
+            try:
+                ray.kill(ray.get_actor(name, namespace=cluster.NAMESPACE), no_restart=True)
+            except ValueError:
+                pass  # already gone
+
+    def to_json(self) -> dict[str, Any]:
+        return {"names": self.names, "rows": self.rows, "partitions": self.partitions, "bytes": self.bytes}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "DataServers":
+        return cls(names=list(data["names"]), rows=data.get("rows", 0), partitions=data.get("partitions", 0),
+                   bytes=data.get("bytes", 0))
+
+
+def start_servers(count: int, *, name_prefix: str, detached: bool, host: str | None = None) -> DataServers:
+    """Start ``count`` data servers (spread over the nodes) and wait until they listen."""
+    import ray
+
+    info = cluster.ensure_init()
+    bind = host or ("127.0.0.1" if info.embedded else "0.0.0.0")
+    token = secrets.token_urlsafe(24)
+    actor_cls = ray.remote(num_cpus=0, max_restarts=0)(_DataServer)
+    names, handles = [], []
+    for i in range(count):
+        name = f"{name_prefix}-{i}"
+        options: dict[str, Any] = {"name": name, "namespace": cluster.NAMESPACE, "scheduling_strategy": "SPREAD"}
+        if detached:
+            options["lifetime"] = "detached"
+        handles.append(actor_cls.options(**options).remote(token, bind, host if host not in (None, "0.0.0.0") else None))
+        names.append(name)
+    servers = DataServers(names=names, token=token)
+    _live.update({name: handle for name, handle in zip(names, handles)})  # keep non-detached ones alive
+    try:
+        servers.addresses = ray.get([h.address.remote() for h in handles], timeout=120)
+    except Exception as exc:
+        servers.close()
+        raise ClusterError(f"the data servers did not start: {exc}") from exc
+    return servers
+
+
+#: Handles of the servers this process started; a non-detached actor lives while a handle does.
+_live: dict[str, Any] = {}
+
+
+def release(servers: DataServers) -> None:
+    servers.close()
+    for name in servers.names:
+        _live.pop(name, None)
+
+
+def _pusher(addresses: list[str], token: str, transform: Callable | None, chunk_bytes: int):
+    """The function each Spark task runs (``mapInArrow``): push, then yield one summary row."""
+
+    def push(batches: Iterator[Any]) -> Iterator[Any]:
+        import pyarrow as pa
+        import requests
+        from pyspark import TaskContext
+
+        context = TaskContext.get()
+        partition = context.partitionId() if context is not None else 0
+        url = addresses[partition % len(addresses)] + "/push"
+        session = requests.Session()
+        rows = sent_bytes = seq = 0
+        error = None
+        sink = writer = None
+        pending = 0
+
+        def send(buffer) -> None:
+            nonlocal seq, sent_bytes
+            for attempt in range(3):
+                try:
+                    resp = session.post(url, data=buffer, timeout=600, headers={
+                        "Authorization": f"Bearer {token}", "X-Partition": str(partition), "X-Seq": str(seq),
+                        "Content-Type": "application/vnd.apache.arrow.stream"})
+                    break
+                except requests.ConnectionError:
+                    if attempt == 2:
+                        raise
+                    time.sleep(0.5 * (attempt + 1))
+            if resp.status_code != 200:
+                raise RuntimeError(f"data server {url} refused partition {partition}: {resp.status_code} {resp.text}")
+            seq += 1
+            sent_bytes += buffer.size
+
+        try:
+            for batch in batches:
+                if transform is not None:
+                    batch, bad = transform(batch)
+                    if bad is not None:
+                        error = json.dumps({"row": rows + bad[0], "message": bad[1]})
+                        break
+                if batch.num_rows == 0:
+                    continue
+                if writer is None:
+                    sink = pa.BufferOutputStream()
+                    writer = pa.ipc.new_stream(sink, batch.schema)
+                writer.write_batch(batch)
+                rows += batch.num_rows
+                pending += batch.nbytes
+                if pending >= chunk_bytes:
+                    writer.close()
+                    send(sink.getvalue())
+                    writer, pending = None, 0
+            if writer is not None and error is None:
+                writer.close()
+                send(sink.getvalue())
+        finally:
+            session.close()
+        yield pa.RecordBatch.from_pydict(
+            {"partition": [partition], "rows": [rows], "bytes": [sent_bytes], "error": [error]},
+            schema=pa.schema([("partition", pa.int32()), ("rows", pa.int64()), ("bytes", pa.int64()),
+                              ("error", pa.string())]),
+        )
+
+    return push
+
+
+def push(df: Any, *, name: str | None = None, detached: bool = False, transform: Callable | None = None,
+         num_servers: int | None = None, host: str | None = None, chunk_bytes: int = PUSH_CHUNK_BYTES
+         ) -> tuple[DataServers, list[dict[str, Any]]]:
+    """Push a Spark DataFrame into data servers; return them and the per-partition summaries.
+
+    Args:
+        df: the Spark DataFrame. Its partitions are pushed in parallel by Spark's executors.
+        name: prefix of the servers' actor names (default: a random one).
+        detached: make the servers detached actors (for detached jobs).
+        transform: ``f(record_batch) -> (record_batch, None | (row_index, message))`` run on the
+            executors (format normalisation); a bad row stops that partition's push.
+        num_servers: servers to start; default one per alive Ray node, at most one per partition.
+        host: the address executors connect to (default 127.0.0.1 on an embedded cluster, else
+            the server's node address).
+
+    Returns:
+        ``(servers, summaries)``; each summary is ``{"partition", "rows", "bytes", "error"}``.
+    """
+    import ray
+
+    cluster.ensure_init()
+    partitions = df.rdd.getNumPartitions()
+    if num_servers is None:
+        nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+        num_servers = max(1, min(nodes, partitions))
+    servers = start_servers(num_servers, name_prefix=name or f"byzerllm-data-{uuid.uuid4().hex[:8]}",
+                            detached=detached, host=host)
+    try:
+        fn = _pusher(servers.addresses, servers.token, transform, chunk_bytes)
+        summaries = [row.asDict() for row in df.mapInArrow(fn, _SUMMARY_SCHEMA).collect()]
+    except Exception:
+        release(servers)
+        raise
+    summaries.sort(key=lambda r: r["partition"])
+    servers.rows = sum(r["rows"] for r in summaries)
+    servers.bytes = sum(r["bytes"] for r in summaries)
+    servers.partitions = partitions
+    return servers, summaries
+
+
+def to_ray_dataset(df: Any, *, num_servers: int | None = None, host: str | None = None):
+    """A Spark DataFrame as a ``ray.data.Dataset``, moved partition by partition through data servers.
+
+    Nothing is collected on the driver and no filesystem is shared: Spark's executors push Arrow
+    to Ray actors over HTTP. The servers live as long as this process keeps the returned servers
+    object (second return value); call ``servers.close()`` to free the data.
+
+    Returns:
+        ``(dataset, servers)``.
+
+    Example:
+        >>> ds, servers = to_ray_dataset(spark.range(1000))  # doctest: +SKIP
+        >>> ds.count()  # doctest: +SKIP
+        1000
+    """
+    servers, _ = push(df, num_servers=num_servers, host=host)
+    if servers.rows == 0:
+        return None, servers
+    return servers.dataset(), servers
