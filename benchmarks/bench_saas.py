@@ -30,6 +30,8 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # Spark's Python workers: this interpreter
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 

@@ -52,11 +52,6 @@ def run_job(job_id: str) -> dict[str, Any]:
     os.makedirs(output, exist_ok=True)
     servers = DataServers.from_json(spec["data"])
     try:
-        cpus = spec.get("cpus_per_worker") or 1
-        if spec["kind"] == "sft" and not spec.get("plugin"):
-            import torch
-
-            torch.set_num_threads(max(1, int(round(cpus))))
         reporter.phase("loading data", f"reading {servers.rows} rows from {len(servers.names)} data server(s)")
         dataset = servers.dataset()
         started = time.time()
@@ -69,6 +64,9 @@ def run_job(job_id: str) -> dict[str, Any]:
 
             result = run_sfft(spec, dataset, servers, reporter)
         result["seconds"] = time.time() - started
+        # The training task or worker reported the steps: keep them in the final state.
+        latest = _progress.get(job_id, "progress") or {}
+        reporter.state.update({k: v for k, v in latest.items() if k not in ("phase", "started")})
         _progress.put(job_id, "result", result)
         reporter.phase("done", f"finished: {result.get('final') or output}", final=result.get("final"))
     except BaseException as exc:
@@ -80,14 +78,33 @@ def run_job(job_id: str) -> dict[str, Any]:
 
 
 def _run_sft(spec: dict[str, Any], dataset, reporter) -> dict[str, Any]:
+    """Read the conversations here, train in a Ray task that holds the job's CPUs/GPUs.
+
+    The job's driver reserves no resources: Ray Data's own small tasks (block metadata) need a
+    CPU, and a driver holding all of them would wait forever for one.
+    """
+    import ray
+
+    conversations = _conversations(dataset)
+    reporter.log(f"{len(conversations)} conversations")
+    task = ray.remote(_sft_task).options(num_cpus=float(spec.get("cpus_per_worker") or 1),
+                                         num_gpus=float(spec.get("num_gpus") or 0), max_retries=0,
+                                         name=f"{spec['job_id']}-train")
+    return ray.get(task.remote(spec, conversations))
+
+
+def _sft_task(spec: dict[str, Any], conversations: list) -> dict[str, Any]:
+    import torch
+
     from ._model import hf_base_dir
     from .params import SftConfig
     from .sft import run_sft
 
+    torch.set_num_threads(max(1, int(round(float(spec.get("cpus_per_worker") or 1)))))
+    reporter = _progress.Reporter(spec["job_id"], spec["output"])
     config = SftConfig.parse(spec["params"])
     reporter.phase("loading model", "preparing the base model")
     base = hf_base_dir(spec.get("model_path"))
-    conversations = _conversations(dataset)
     return run_sft(conversations, base_dir=base, config=config, output_dir=spec["output"], reporter=reporter,
                    resume=bool(spec.get("resume")))
 

@@ -166,8 +166,9 @@ def submit(spec: dict[str, Any], *, progress: bool = True) -> FinetuneJob:
     _progress.put(job_id, "progress", {"phase": "submitted", "step": 0, "total_steps": None, "loss": None,
                                        "eta_seconds": None, "updated": time.time()})
     job = _as_job(spec)
-    cpus = float(spec["cpus_per_worker"]) if spec["kind"] == "sft" else 0.0
-    gpus = float(spec["num_gpus"]) if spec["kind"] == "sft" else 0.0
+    # The job's driver holds no resources: the training (a task for sft, Ray Train workers for
+    # sfft) reserves the CPUs/GPUs, and Ray Data's small tasks in the driver can always run.
+    cpus = gpus = 0.0
     if spec["detached"]:
         client = job_client()
         python = sys.executable if cluster.info().embedded else "python"
@@ -176,7 +177,6 @@ def submit(spec: dict[str, Any], *, progress: bool = True) -> FinetuneJob:
             entrypoint=f"{python} -m byzerllm_spark.finetune._entry {job_id}",
             submission_id=job_id,
             entrypoint_num_cpus=cpus,
-            entrypoint_num_gpus=gpus,
             runtime_env={"env_vars": env} if env else None,
             metadata={"byzerllm_spark": spec["kind"], "output": spec["output"]},
         )
