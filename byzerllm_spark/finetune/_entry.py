@@ -1,4 +1,4 @@
-"""The training job's entrypoint: ``python -m byzerllm_spark.finetune._entry <job_id>``.
+"""The training job's entrypoint: ``python -m byzerllm_spark.finetune._entry <job_id> <gcs address>``.
 
 Runs as a Ray Job's driver (``detached=True``) or inside a Ray task (``detached=False``). It reads
 the job's spec from the cluster's key-value store, the data from the job's data servers, trains,
@@ -37,12 +37,20 @@ def _conversations(dataset) -> list[list[dict[str, str]]]:
     return out
 
 
-def run_job(job_id: str) -> dict[str, Any]:
-    """Run one job to the end. Returns the result published under the job's key."""
+def run_job(job_id: str, address: str | None = None) -> dict[str, Any]:
+    """Run one job to the end. Returns the result published under the job's key.
+
+    Args:
+        address: the cluster's GCS address. A Ray Job's driver gets ``RAY_ADDRESS=auto``, which
+            picks any Ray instance on the machine when there are several; the submitter passes the
+            exact one, and it is exported so that Ray Train's helper processes find it too.
+    """
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), namespace=_progress.NAMESPACE,
+        if address:
+            os.environ["RAY_ADDRESS"] = address
+        ray.init(address=address or os.environ.get("RAY_ADDRESS", "auto"), namespace=_progress.NAMESPACE,
                  log_to_driver=True)
     spec = _progress.get(job_id, "spec")
     if spec is None:
@@ -127,11 +135,11 @@ def _run_plugin(spec: dict[str, Any], servers: DataServers, reporter) -> dict[st
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print("usage: python -m byzerllm_spark.finetune._entry <job_id>", file=sys.stderr)
+    if len(argv) not in (1, 2):
+        print("usage: python -m byzerllm_spark.finetune._entry <job_id> [<gcs address>]", file=sys.stderr)
         return 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    run_job(argv[0])
+    run_job(argv[0], argv[1] if len(argv) == 2 else None)
     return 0
 
 

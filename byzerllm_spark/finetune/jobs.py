@@ -174,7 +174,7 @@ def submit(spec: dict[str, Any], *, progress: bool = True) -> FinetuneJob:
         python = sys.executable if cluster.info().embedded else "python"
         env = {k: v for k, v in os.environ.items() if k in ("BYZERLLM_CACHE_DIR", "HF_HOME", "TOKENIZERS_PARALLELISM")}
         client.submit_job(
-            entrypoint=f"{python} -m byzerllm_spark.finetune._entry {job_id}",
+            entrypoint=f"{python} -m byzerllm_spark.finetune._entry {job_id} {ray.get_runtime_context().gcs_address}",
             submission_id=job_id,
             entrypoint_num_cpus=cpus,
             runtime_env={"env_vars": env} if env else None,

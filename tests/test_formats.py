@@ -1,0 +1,147 @@
+"""Finetune formats and parameters: pure unit tests (no Ray, no Spark), plus the real SmolLM2 tokenizer."""
+
+from __future__ import annotations
+
+import pickle
+import subprocess
+import sys
+
+import pytest
+
+from byzerllm_spark.errors import ConfigError
+from byzerllm_spark.finetune.formats import (
+    IGNORE_INDEX,
+    FormatError,
+    detect_format,
+    normalise,
+    training_example,
+    training_text,
+)
+from byzerllm_spark.finetune.params import DEFAULT_QLORA_CONFIG, SfftConfig, SftConfig
+
+ALPACA = {"instruction": "Name the dragon.", "input": "", "output": "Quimberly",
+          "history": [["Who is Zorblat?", "A wizard."]]}
+MOSS = {"conversation": [{"human": "Who is Zorblat?", "assistant": "A wizard."},
+                         {"human": "Name the dragon.", "assistant": "Quimberly"}]}
+OPENAI = {"messages": [{"role": "user", "content": "Who is Zorblat?"}, {"role": "assistant", "content": "A wizard."},
+                       {"role": "user", "content": "Name the dragon."}, {"role": "assistant", "content": "Quimberly"}]}
+SHAREGPT = {"conversations": [{"from": "human", "value": "Who is Zorblat?"}, {"from": "gpt", "value": "A wizard."},
+                              {"from": "human", "value": "Name the dragon."}, {"from": "gpt", "value": "Quimberly"}]}
+
+
+def test_detect_format_from_columns():
+    assert detect_format(["instruction", "input", "output", "history"]) == "alpaca"
+    assert detect_format(["category", "conversation", "conversation_id", "dataset"]) == "moss"  # seed 003's schema
+    assert detect_format(["messages", "id"]) == "openai"
+    assert detect_format(["conversations"]) == "sharegpt"
+    assert detect_format(["conversation", "instruction", "output"], "alpaca") == "alpaca"  # named wins
+
+
+def test_detect_format_errors_name_the_expected_columns():
+    with pytest.raises(FormatError, match="no recognised columns.*alpaca: instruction, output.*moss: conversation"):
+        detect_format(["question", "answer"])
+    with pytest.raises(FormatError, match="needs the columns conversation"):
+        detect_format(["instruction", "output"], "moss")
+    with pytest.raises(FormatError, match="not known"):
+        detect_format(["x"], "llama")
+
+
+def test_all_formats_normalise_to_the_same_turns():
+    expected = normalise(OPENAI, "openai")
+    assert normalise(ALPACA, "alpaca") == expected
+    assert normalise(MOSS, "moss") == expected
+    assert normalise(SHAREGPT, "sharegpt") == expected
+
+
+def test_alpaca_input_and_json_history():
+    turns = normalise({"instruction": "Translate", "input": "bonjour", "output": "hello",
+                       "history": '[["a", "b"]]'}, "alpaca")
+    assert turns[-2] == {"role": "user", "content": "Translate\nbonjour"}
+    assert turns[0] == {"role": "user", "content": "a"}
+
+
+@pytest.mark.parametrize("row, fmt, fragment", [
+    ({"instruction": "q", "output": None}, "alpaca", "output is null"),
+    ({"instruction": "q", "output": "a", "history": [["only one"]]}, "alpaca", "history\\[0\\] is not"),
+    ({"conversation": []}, "moss", "conversation is empty"),
+    ({"messages": [{"role": "robot", "content": "x"}]}, "openai", "role is 'robot'"),
+    ({"messages": [{"role": "user", "content": "x"}]}, "openai", "no assistant turn"),
+    ({"conversations": [{"from": "alien", "value": "x"}]}, "sharegpt", "from is 'alien'"),
+])
+def test_bad_rows_name_the_problem_the_columns_and_the_row(row, fmt, fragment):
+    with pytest.raises(FormatError, match=fragment) as info:
+        normalise(row, fmt)
+    assert f"The {fmt} format needs" in str(info.value)
+
+
+def test_sft_typed_keys_override_the_seed_defaults():
+    config = SftConfig.parse({"sft.int.max_seq_length": "512", "sft.float.learning_rate": "2e-4",
+                              "sft.list.target_modules": '["q_proj", "v_proj"]', "sft.int.weight_decay": "0",
+                              "other.key": "ignored"})
+    assert config["max_seq_length"] == 512 and config["learning_rate"] == 2e-4
+    assert config["target_modules"] == ["q_proj", "v_proj"]
+    assert config["lora_rank"] == DEFAULT_QLORA_CONFIG["lora_rank"] == 64
+    assert isinstance(config["weight_decay"], float)
+    assert pickle.loads(pickle.dumps(config)) == config  # configs travel to the job
+
+
+@pytest.mark.parametrize("params, fragment", [
+    ({"sft.int.max_seq_length": "big"}, "sft.int.max_seq_length.*'big'.*integer"),
+    ({"sft.str.max_seq_length": "512"}, "wrong type.*sft.int.max_seq_length"),
+    ({"sft.int.max_seq_lenght": "512"}, "not a known sft parameter.*max_seq_length"),
+    ({"sft.max_seq_length": "512"}, "not a valid typed key"),
+    ({"sft.int.max_seq_length": "0"}, "use a number > 0"),
+    ({"sfft.int.max_length": "128"}, "is a sfft key"),
+])
+def test_bad_sft_keys_fail_with_the_key_and_the_fix(params, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        SftConfig.parse(params)
+
+
+def test_sfft_config_and_deepspeed_json():
+    config = SfftConfig.parse({"sfft.int.max_length": "128", "sfft.bool.setup_nccl_socket_ifname_by_ip": "true"},
+                              '{"train_micro_batch_size_per_gpu": 1}')
+    assert config["max_length"] == 128 and config["setup_nccl_socket_ifname_by_ip"] is True
+    assert config.deepspeed == {"train_micro_batch_size_per_gpu": 1}
+    assert pickle.loads(pickle.dumps(config)) == config
+    with pytest.raises(ConfigError, match="deepspeedConfig is not valid JSON"):
+        SfftConfig.parse({}, "{not json")
+    with pytest.raises(ConfigError, match="not a known sfft parameter"):
+        SfftConfig.parse({"sfft.int.max_lenght": "1"})
+
+
+def test_importing_the_package_stays_light():
+    code = ("import sys, byzerllm_spark as bls; bls.sft; bls.wait; import byzerllm_spark.finetune.formats; "
+            "import byzerllm_spark.finetune.params; "
+            "print([m for m in ('torch', 'transformers', 'peft', 'ray', 'pyspark') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    pytest.importorskip("transformers")
+    from byzerllm_spark.finetune._model import hf_base_dir
+
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(hf_base_dir(None))
+
+
+@pytest.mark.slow
+def test_moss_and_alpaca_give_the_same_training_text(tokenizer):
+    alpaca, moss = normalise(ALPACA, "alpaca"), normalise(MOSS, "moss")
+    assert training_text(tokenizer, alpaca) == training_text(tokenizer, moss)
+    assert training_example(tokenizer, alpaca, 256) == training_example(tokenizer, moss, 256)
+
+
+@pytest.mark.slow
+def test_loss_only_on_assistant_turns(tokenizer):
+    turns = normalise(OPENAI, "openai")
+    example = training_example(tokenizer, turns, 256)
+    learned = [t for t, label in zip(example["input_ids"], example["labels"]) if label != IGNORE_INDEX]
+    text = tokenizer.decode(learned)
+    assert "A wizard." in text and "Quimberly" in text and "<|im_end|>" in text
+    assert "Who is Zorblat" not in text and "Name the dragon" not in text and "SmolLM" not in text
+    # truncation keeps the length bound
+    assert len(training_example(tokenizer, turns, 16)["input_ids"]) == 16
