@@ -17,7 +17,7 @@ from typing import Dict, List
 
 
 #: The Spark functions read this to size their requests: echo answers in microseconds.
-PREFERRED_BATCH_SIZE = 2000
+PREFERRED_BATCH_SIZE = 5000
 
 
 class EchoModel:
