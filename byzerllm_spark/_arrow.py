@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Iterable, Sequence
 
+import numpy as np
 import pyarrow as pa
 
 CONTENT_TYPE = "application/vnd.apache.arrow.stream"
@@ -54,12 +55,36 @@ def decode_params(body: bytes) -> pa.Array:
 
 def encode_results(responses: Sequence, errors: Sequence, metadata: Iterable) -> bytes:
     """Encode answers; ``metadata`` is a sequence of dicts (or None)."""
-    meta = [None if m is None else list(m.items()) for m in metadata]
     batch = pa.record_batch(
-        [pa.array(responses, pa.string()), pa.array(errors, pa.string()), pa.array(meta, METADATA_TYPE)],
+        [pa.array(responses, pa.string()), pa.array(errors, pa.string()), _map_array(metadata)],
         schema=RESPONSE_SCHEMA,
     )
     return _write(batch)
+
+
+def _map_array(metadata: Iterable) -> pa.Array:
+    """dicts (or None) -> map<string,string>, built from flat keys/values (pa.array on a list of
+    item lists costs several microseconds a row; this is the per-row hot path of every answer)."""
+    offsets = [0]
+    keys: list = []
+    values: list = []
+    nulls: list = []
+    total = 0
+    for m in metadata:
+        if m is None:
+            nulls.append(True)
+        else:
+            nulls.append(False)
+            keys.extend(m.keys())
+            values.extend(m.values())
+            total += len(m)
+        offsets.append(total)
+    mask = pa.array(nulls, pa.bool_()) if any(nulls) else None
+    return pa.MapArray.from_arrays(
+        # numpy first: pa.array() on a list of Python ints costs ~7 us an element (pyarrow 26).
+        pa.array(np.asarray(offsets, dtype=np.int32)), pa.array(keys, pa.string()), pa.array(values, pa.string()),
+        type=METADATA_TYPE, mask=mask,
+    )
 
 
 def decode_results(body: bytes) -> pa.Table:

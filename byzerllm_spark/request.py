@@ -35,13 +35,14 @@ REQUEST_KEYS = (
     "request_id",
     "embedding",
 )
+_REQUEST_KEY_SET = frozenset(REQUEST_KEYS)
 
 
 class RequestParseError(ConfigError):
     """One request (row) is malformed. Other rows of the same batch are unaffected."""
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class ChatRequest:
     """One parsed chat request.
 
@@ -142,25 +143,30 @@ def parse_request(params: Any, defaults: Mapping[str, Any] | None = None) -> Cha
             bad_value("request", params, "pass a map such as llm_param(map('instruction', q)) or a dict")
         )
     generation: dict[str, Any] = {}
-    values: dict[str, Any] = {}
-    if defaults:
-        for key, value in defaults.items():
-            if key in REQUEST_KEYS:
+    # This runs once per row on the serving path: the common case (only known keys, no
+    # deployment defaults) takes the request dict as it is.
+    if not defaults and _REQUEST_KEY_SET.issuperset(params.keys()):
+        values: Mapping[str, Any] = params
+    else:
+        values = {}
+        if defaults:
+            for key, value in defaults.items():
+                if key in _REQUEST_KEY_SET:
+                    values[key] = value
+                else:
+                    generation[key] = value
+        for key, value in params.items():
+            if key in _REQUEST_KEY_SET:
                 values[key] = value
+            elif key.startswith("generation."):
+                generation[key[11:]] = value
+            elif key.startswith("gen."):
+                generation[key[4:]] = value
             else:
-                generation[key] = value
-    for key, value in params.items():
-        if key in REQUEST_KEYS:
-            values[key] = value
-        elif key.startswith("generation."):
-            generation[key[11:]] = value
-        elif key.startswith("gen."):
-            generation[key[4:]] = value
-        else:
-            raise RequestParseError(
-                f"unknown request key {key!r}: use one of {', '.join(REQUEST_KEYS)}, or pass a "
-                f"model-specific value as 'generation.{key}'"
-            )
+                raise RequestParseError(
+                    f"unknown request key {key!r}: use one of {', '.join(REQUEST_KEYS)}, or pass a "
+                    f"model-specific value as 'generation.{key}'"
+                )
 
     history: list[dict[str, str]] = []
     system_msg = values.get("system_msg")
