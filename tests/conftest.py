@@ -20,7 +20,8 @@ os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
 def cluster():
     import byzerllm_spark as bls
 
-    info = bls.init(http_port=0, include_dashboard=False)
+    # The dashboard hosts Ray Jobs, which detached finetune jobs use.
+    info = bls.init(http_port=0, include_dashboard=True)
     yield info
     for model in bls.list_models():
         bls.undeploy(model)

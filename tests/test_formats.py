@@ -76,12 +76,12 @@ def test_bad_rows_name_the_problem_the_columns_and_the_row(row, fmt, fragment):
 
 def test_sft_typed_keys_override_the_seed_defaults():
     config = SftConfig.parse({"sft.int.max_seq_length": "512", "sft.float.learning_rate": "2e-4",
-                              "sft.list.target_modules": '["q_proj", "v_proj"]', "sft.int.weight_decay": "0",
+                              "sft.list.target_modules": '["q_proj", "v_proj"]', "sft.int.max_grad_norm": "1",
                               "other.key": "ignored"})
     assert config["max_seq_length"] == 512 and config["learning_rate"] == 2e-4
     assert config["target_modules"] == ["q_proj", "v_proj"]
     assert config["lora_rank"] == DEFAULT_QLORA_CONFIG["lora_rank"] == 64
-    assert isinstance(config["weight_decay"], float)
+    assert config["max_grad_norm"] == 1.0 and isinstance(config["max_grad_norm"], float)
     assert pickle.loads(pickle.dumps(config)) == config  # configs travel to the job
 
 
@@ -145,3 +145,11 @@ def test_loss_only_on_assistant_turns(tokenizer):
     assert "Who is Zorblat" not in text and "Name the dragon" not in text and "SmolLM" not in text
     # truncation keeps the length bound
     assert len(training_example(tokenizer, turns, 16)["input_ids"]) == 16
+
+
+def test_public_functions_are_not_shadowed_by_submodules():
+    """``bls.sft`` stays the function even after the trainer modules are imported."""
+    code = ("import byzerllm_spark as bls, byzerllm_spark.finetune._sft, byzerllm_spark.finetune._sfft, "
+            "byzerllm_spark.finetune.jobs; print(callable(bls.sft) and callable(bls.sfft) and callable(bls.wait))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "True"

@@ -2,8 +2,8 @@
 
 A Spark table of conversations (Alpaca, Moss, OpenAI ``messages``, ShareGPT) or of raw text is
 pushed by Spark's executors into data servers in Ray (:mod:`.data_servers`), then a training job
-reads it as a ``ray.data.Dataset``: LoRA/QLoRA SFT (:mod:`.sft`) or continued pretraining on
-several Ray Train workers (:mod:`.sfft`). Jobs run detached as Ray Jobs (:mod:`.jobs`) with
+reads it as a ``ray.data.Dataset``: LoRA/QLoRA SFT (:mod:`._sft`) or continued pretraining on
+several Ray Train workers (:mod:`._sfft`). Jobs run detached as Ray Jobs (:mod:`.jobs`) with
 status, logs, progress, cancel and resume; the output is a model directory ready for
 ``bls.deploy(model_path=bls.job_output(job))``.
 

@@ -68,7 +68,7 @@ def run_job(job_id: str, address: str | None = None) -> dict[str, Any]:
         elif spec["kind"] == "sft":
             result = _run_sft(spec, dataset, reporter)
         else:
-            from .sfft import run_sfft
+            from ._sfft import run_sfft
 
             result = run_sfft(spec, dataset, servers, reporter)
         result["seconds"] = time.time() - started
@@ -106,7 +106,7 @@ def _sft_task(spec: dict[str, Any], conversations: list) -> dict[str, Any]:
 
     from ._model import hf_base_dir
     from .params import SftConfig
-    from .sft import run_sft
+    from ._sft import run_sft
 
     torch.set_num_threads(max(1, int(round(float(spec.get("cpus_per_worker") or 1)))))
     reporter = _progress.Reporter(spec["job_id"], spec["output"])

@@ -78,7 +78,6 @@ class Reporter:
         self.min_interval = min_interval
         self.state: dict[str, Any] = {"phase": "starting", "step": 0, "total_steps": None, "loss": None,
                                       "epoch": None, "eta_seconds": None, "started": time.time()}
-        self._lines: list[str] = []
         self._last_put = 0.0
         self._train_start: float | None = None
         self._first_step: int = 0
@@ -86,9 +85,10 @@ class Reporter:
     def log(self, message: str) -> None:
         line = f"[byzerllm {self.job_id}] {message}"
         print(line, flush=True)
-        self._lines = (self._lines + [line])[-MAX_LOG_LINES:]
         try:
-            put(self.job_id, "log", self._lines)
+            # Several processes of one job log (its driver, the training task or rank 0): append.
+            lines = (get(self.job_id, "log") or []) + [line]
+            put(self.job_id, "log", lines[-MAX_LOG_LINES:])
         except Exception:  # progress must never fail a training run
             pass
 

@@ -216,9 +216,9 @@ def _ray_status(spec: Mapping[str, Any]) -> tuple[str, str | None]:
         ray.get(ref)
         return "SUCCEEDED", None
     except (ray.exceptions.TaskCancelledError, ray.exceptions.WorkerCrashedError) as exc:
-        return "STOPPED", str(exc).splitlines()[0]
+        return "STOPPED", (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     except Exception as exc:
-        return "FAILED", str(exc).strip().splitlines()[-1][:1000]
+        return "FAILED", (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:1000]
 
 
 def job_status(job: Any) -> dict[str, Any]:
@@ -281,6 +281,8 @@ def cancel_job(job: Any, *, purge: bool = False) -> dict[str, Any]:
     elif job_id in _local_refs:
         ray.cancel(_local_refs[job_id], force=True)
     progress = _progress.get(job_id, "progress") or {}
+    if not spec["detached"] and progress.get("placement_group"):
+        _remove_placement_group(progress["placement_group"])
     if progress.get("phase") not in ("done", "failed"):
         progress["phase"] = "stopped"
         _progress.put(job_id, "progress", progress)
@@ -292,6 +294,20 @@ def cancel_job(job: Any, *, purge: bool = False) -> dict[str, Any]:
 
         DataServers.from_json(spec["data"]).close()
     return job_status(job_id)
+
+
+def _remove_placement_group(hex_id: str) -> None:
+    """Free the CPUs of a killed sfft run: its Ray Train placement group outlives a killed task."""
+    import ray
+    from ray.util.placement_group import PlacementGroup, placement_group_table
+
+    entry = placement_group_table().get(hex_id)
+    if entry is None or entry.get("state") == "REMOVED":
+        return
+    try:
+        ray.util.remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(hex_id))))
+    except Exception:  # already gone
+        logger.debug("placement group %s not removed", hex_id, exc_info=True)
 
 
 def job_output(job: Any) -> str:

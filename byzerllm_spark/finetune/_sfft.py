@@ -208,6 +208,11 @@ def _train_loop(cfg: dict[str, Any]) -> None:
         if ckpt_dir:
             reporter.state["resumed_from"] = ckpt_dir
             reporter.state["start_epoch"] = start_epoch
+        group = ray.util.get_current_placement_group()
+        if group is not None:
+            # A force-cancelled detached=False job leaves Ray Train's placement group behind,
+            # holding the workers' CPUs; cancel_job removes it by this id.
+            reporter.state["placement_group"] = group.id.hex()
     order = list(range(len(chunks)))
     for epoch in range(start_epoch, epochs):
         random.Random(int(values["seed"]) * 1000 + epoch * world + rank).shuffle(order)
