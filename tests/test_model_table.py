@@ -424,22 +424,8 @@ def test_save_killed_halfway_keeps_the_previous_version(tmp_path, cache):
 # Spark
 
 
-@pytest.fixture(scope="module")
-def spark():
-    pyspark = pytest.importorskip("pyspark")
-    from pyspark.sql import SparkSession
-
-    session = (
-        SparkSession.builder.master("local[1]")
-        .appName("test_model_table")
-        .config("spark.ui.enabled", "false")
-        .config("spark.sql.shuffle.partitions", "1")
-        .config("spark.driver.memory", "1g")
-        .getOrCreate()
-    )
-    assert pyspark
-    yield session
-    session.stop()
+# The session-scoped `spark` fixture of conftest.py is used: a module that stopped its own session
+# would stop the one shared with every later test module (getOrCreate returns the same session).
 
 
 @pytest.mark.spark
