@@ -148,14 +148,20 @@ def parse_typed_params(params: Mapping[str, Any], prefix: str) -> dict[str, Any]
     for key, value in params.items():
         if not key.startswith(prefix + "."):
             continue
-        parts = key.split(".", 2)
-        if len(parts) != 3 or parts[1] not in TYPED_KEY_TYPES or not parts[2]:
-            raise ConfigError(
-                f"{key!r} is not a valid typed key: use '{prefix}.<type>.<name>' with <type> one of "
-                f"{', '.join(TYPED_KEY_TYPES)} (for example '{prefix}.int.max_seq_length')"
-            )
-        out[parts[2]] = parse_typed(key, parts[1], value)
+        type_name, name = split_typed_key(key, prefix)
+        out[name] = parse_typed(key, type_name, value)
     return out
+
+
+def split_typed_key(key: str, prefix: str) -> tuple[str, str]:
+    """``'sft.int.max_seq_length'`` → ``('int', 'max_seq_length')``, or ConfigError naming the form."""
+    parts = key.split(".", 2)
+    if len(parts) != 3 or parts[1] not in TYPED_KEY_TYPES or not parts[2]:
+        raise ConfigError(
+            f"{key!r} is not a valid typed key: use '{prefix}.<type>.<name>' with <type> one of "
+            f"{', '.join(TYPED_KEY_TYPES)} (for example '{prefix}.int.max_seq_length')"
+        )
+    return parts[1], parts[2]
 
 
 @dataclass(frozen=True)

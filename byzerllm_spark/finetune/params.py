@@ -27,7 +27,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from ..config import TYPED_KEY_TYPES, parse_typed
+from ..config import parse_typed, split_typed_key
 from ..errors import ConfigError
 
 #: Seed 003's defaults, unchanged; see the module docstring for how some are adapted.
@@ -142,13 +142,7 @@ def parse_train_params(params: Mapping[str, Any] | None, prefix: str, defaults: 
             raise ConfigError(f"{key!r} is a {other} key, but this is a {prefix} job: use '{prefix}.<type>.<name>'")
         if not key.startswith(prefix + "."):
             continue
-        parts = key.split(".", 2)
-        if len(parts) != 3 or parts[1] not in TYPED_KEY_TYPES or not parts[2]:
-            raise ConfigError(
-                f"{key!r} is not a valid typed key: use '{prefix}.<type>.<name>' with <type> one of "
-                f"{', '.join(TYPED_KEY_TYPES)} (for example '{prefix}.int.max_seq_length')"
-            )
-        _, type_name, name = parts
+        type_name, name = split_typed_key(key, prefix)
         typed = parse_typed(key, type_name, value)
         if name in defaults:
             default = defaults[name]
