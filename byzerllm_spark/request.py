@@ -63,6 +63,13 @@ class ChatRequest:
     embedding: bool = False
     generation: dict = field(default_factory=dict)
 
+    def sampling(self) -> dict[str, Any]:
+        """OpenAI-style sampling arguments (``max_tokens``, ``temperature``, ``top_p``, ``top_k``)."""
+        out: dict[str, Any] = {"max_tokens": self.max_length, "temperature": self.temperature, "top_p": self.top_p}
+        if self.top_k is not None:
+            out["top_k"] = self.top_k
+        return out
+
     def messages(self) -> list[dict[str, str]]:
         """OpenAI-style messages: system, history turns, then the instruction as the user turn."""
         out: list[dict[str, str]] = []

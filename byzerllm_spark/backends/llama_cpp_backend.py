@@ -70,13 +70,7 @@ class LlamaCppBackend(Backend):
         self._gen_keys = set(completion) - {"messages", "stream", "self"}
 
     def _gen_kwargs(self, req) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {
-            "max_tokens": req.max_length,
-            "temperature": req.temperature,
-            "top_p": req.top_p,
-        }
-        if req.top_k is not None:
-            kwargs["top_k"] = req.top_k
+        kwargs = req.sampling()
         for key, value in req.generation.items():
             if key in self._gen_keys:
                 kwargs[key] = value

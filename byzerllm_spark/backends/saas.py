@@ -342,15 +342,7 @@ class SaasBackend(Backend):
     # ---- chat -----------------------------------------------------------------------------
     def chat_body(self, req) -> dict[str, Any]:
         """The upstream request for one :class:`~byzerllm_spark.request.ChatRequest`."""
-        body: dict[str, Any] = {
-            "model": self.options.model,
-            "messages": req.messages(),
-            "max_tokens": req.max_length,
-            "temperature": req.temperature,
-            "top_p": req.top_p,
-        }
-        if req.top_k is not None:
-            body["top_k"] = req.top_k
+        body: dict[str, Any] = {"model": self.options.model, "messages": req.messages(), **req.sampling()}
         for key, value in req.generation.items():
             if key not in ("model", "messages", "stream"):
                 body[key] = value
