@@ -82,9 +82,17 @@ def _map_array(metadata: Iterable) -> pa.Array:
     mask = pa.array(nulls, pa.bool_()) if any(nulls) else None
     return pa.MapArray.from_arrays(
         # numpy first: pa.array() on a list of Python ints costs ~7 us an element (pyarrow 26).
-        pa.array(np.asarray(offsets, dtype=np.int32)), pa.array(keys, pa.string()), pa.array(values, pa.string()),
+        pa.array(np.asarray(offsets, dtype=np.int32)), _strings(keys), _strings(values),
         type=METADATA_TYPE, mask=mask,
     )
+
+
+def _strings(items: list) -> pa.Array:
+    """A string array; items that are not strings (a plugin's int token count) become their str()."""
+    try:
+        return pa.array(items, pa.string())
+    except (pa.ArrowTypeError, pa.ArrowInvalid):
+        return pa.array([None if x is None else str(x) for x in items], pa.string())
 
 
 def decode_results(body: bytes) -> pa.Table:

@@ -13,6 +13,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+import orjson
+
 from .errors import ConfigError, bad_value
 
 DEFAULT_MAX_LENGTH = 1024
@@ -142,10 +144,10 @@ def parse_request(params: Any, defaults: Mapping[str, Any] | None = None) -> Cha
     """
     if isinstance(params, (str, bytes)):
         try:
-            params = json.loads(params)
-        except json.JSONDecodeError as exc:
+            params = orjson.loads(params)
+        except orjson.JSONDecodeError as exc:
             raise RequestParseError(f"the request is not valid JSON ({exc}); build it with llm_param(map(...))") from None
-    if not isinstance(params, Mapping):
+    if type(params) is not dict and not isinstance(params, Mapping):  # the exact check first: it is cheap
         raise RequestParseError(
             bad_value("request", params, "pass a map such as llm_param(map('instruction', q)) or a dict")
         )
@@ -175,53 +177,60 @@ def parse_request(params: Any, defaults: Mapping[str, Any] | None = None) -> Cha
                     f"model-specific value as 'generation.{key}'"
                 )
 
-    history: list[dict[str, str]] = []
-    system_msg = values.get("system_msg")
     instruction = values.get("instruction")
+    history: tuple = ()
+    system_msg = values.get("system_msg")
     if values.get("messages") is not None:
         if instruction is not None:
             raise RequestParseError("pass either 'instruction' (with 'history') or 'messages', not both")
         turns = _turns("messages", values["messages"])
         if not turns or turns[-1]["role"] != "user":
             raise RequestParseError("'messages' must end with a user turn: the question to answer")
+        past = []
         for turn in turns[:-1]:
             if turn["role"] == "system":
                 system_msg = turn["content"] if system_msg is None else system_msg + "\n" + turn["content"]
             else:
-                history.append(turn)
+                past.append(turn)
+        history = tuple(past)
         instruction = turns[-1]["content"]
     elif values.get("history") is not None:
-        history = _turns("history", values["history"])
+        history = tuple(_turns("history", values["history"]))
     if instruction is None and "instruction" in values:
         return None  # llm_param(map('instruction', NULL)): a null row stays null
     if instruction is None:
         raise RequestParseError(
             "the request has no 'instruction': add it, e.g. llm_param(map('instruction', q))"
         )
-    if not isinstance(instruction, str):
-        instruction = str(instruction)
-
-    max_length = values.get("max_tokens", values.get("max_length"))
-    embedding = values.get("embedding", False)
-    return ChatRequest(
-        instruction=instruction,
-        history=tuple(history),
-        system_msg=None if system_msg is None else str(system_msg),
-        user_role=_opt_str(values.get("user_role")),
-        assistant_role=_opt_str(values.get("assistant_role")),
-        max_length=DEFAULT_MAX_LENGTH if max_length is None else _number("max_length", max_length, int, 1, None),
-        top_p=DEFAULT_TOP_P if values.get("top_p") is None else _number("top_p", values["top_p"], float, 0.0, 1.0),
-        temperature=DEFAULT_TEMPERATURE
-        if values.get("temperature") is None
-        else _number("temperature", values["temperature"], float, 0.0, 2.0),
-        top_k=None if values.get("top_k") is None else _number("top_k", values["top_k"], int, 1, None),
-        embedding=embedding if isinstance(embedding, bool) else str(embedding).lower() == "true",
-        generation=generation,
-    )
+    request = ChatRequest(instruction if type(instruction) is str else str(instruction), history, generation=generation)
+    if system_msg is not None:
+        request.system_msg = str(system_msg)
+    # This runs once per row: only the keys present cost anything (most rows carry one to four).
+    for key, value in values.items():
+        if value is not None:
+            setter = _SETTERS.get(key)
+            if setter is not None:
+                setter(request, value)
+    if values.get("max_tokens") is not None:  # the OpenAI name wins over Byzer's max_length
+        request.max_length = _number("max_tokens", values["max_tokens"], int, 1, None)
+    return request
 
 
-def _opt_str(value: Any) -> str | None:
-    return None if value is None else str(value)
+def _set_embedding(request: ChatRequest, value: Any) -> None:
+    request.embedding = value if isinstance(value, bool) else str(value).lower() == "true"
+
+
+_SETTERS = {
+    "user_role": lambda r, v: setattr(r, "user_role", str(v)),
+    "assistant_role": lambda r, v: setattr(r, "assistant_role", str(v)),
+    "max_length": lambda r, v: setattr(r, "max_length", _number("max_length", v, int, 1, None)),
+    "top_p": lambda r, v: setattr(r, "top_p", _number("top_p", v, float, 0.0, 1.0)),
+    "temperature": lambda r, v: setattr(r, "temperature", _number("temperature", v, float, 0.0, 2.0)),
+    "top_k": lambda r, v: setattr(r, "top_k", _number("top_k", v, int, 1, None)),
+    "embedding": _set_embedding,
+}
+"""Per-key conversions of the optional request fields (``system_msg`` and ``max_tokens`` are
+handled in :func:`parse_request`: they combine with other keys)."""
 
 
 def build_params(instruction: str | None = None, **params: Any) -> dict[str, Any]:

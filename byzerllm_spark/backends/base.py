@@ -11,7 +11,7 @@ if TYPE_CHECKING:
     from ..request import ChatRequest
 
 
-@dataclass
+@dataclass(slots=True)
 class ChatResult:
     """The answer to one request: text, or an error message; metadata as strings."""
 

@@ -18,6 +18,13 @@ from .base import Backend, ChatResult
 
 def _split_result(result: Any) -> tuple[str, dict[str, str]]:
     """Normalise what ``stream_chat`` returned into (text, metadata)."""
+    # The seed's shape, ``[(text, {"metadata": {str: str}})]``, once per row: checked first.
+    if type(result) is list and len(result) == 1 and type(result[0]) is tuple and len(result[0]) == 2:
+        text, meta = result[0]
+        if type(text) is str and type(meta) is dict:
+            inner = meta.get("metadata", meta)
+            if type(inner) is dict:  # non-string keys or values are made strings when encoded
+                return text, dict(inner)
     meta: Any = {}
     if isinstance(result, list) and len(result) == 1:
         result = result[0]
@@ -56,6 +63,10 @@ class PluginBackend(Backend):
             self.supports_embedding = True
 
     def _kwargs(self, request) -> dict[str, Any]:
+        if not request.generation and request.system_msg is None and request.user_role is None and (
+            request.assistant_role is None and request.top_k is None
+        ):
+            return {}
         kwargs: dict[str, Any] = dict(request.generation)
         for key in ("system_msg", "user_role", "assistant_role", "top_k"):
             value = getattr(request, key)

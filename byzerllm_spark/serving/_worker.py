@@ -140,9 +140,9 @@ class ModelWorker:
             self._report()
 
     def _count_usage(self, metadata: dict | None) -> None:
-        if metadata:
+        if metadata and "completion_tokens" in metadata:  # once per row: answers without usage cost nothing
             self._prompt_tokens += _tokens(metadata.get("prompt_tokens"))
-            self._completion_tokens += _tokens(metadata.get("completion_tokens"))
+            self._completion_tokens += _tokens(metadata["completion_tokens"])
 
     async def stream_chat(self, params: Any):
         """Handle method (streaming): one request in; yields ``{"text": piece}`` items, then
