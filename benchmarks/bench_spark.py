@@ -144,11 +144,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--llm-rows", type=int, default=32)
     parser.add_argument("--skip-models", action="store_true")
+    parser.add_argument("--skip-echo", action="store_true")
     args = parser.parse_args()
     bls.init(http_port=0, include_dashboard=False)
     spark = spark_session()
     try:
-        bench_echo_sql(spark, args.rows, args.repeats)
+        if not args.skip_echo:
+            bench_echo_sql(spark, args.rows, args.repeats)
         if not args.skip_models:
             bench_smollm2_sql(spark, args.llm_rows, 32)
     finally:
