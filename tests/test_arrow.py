@@ -20,6 +20,13 @@ def test_results_round_trip():
     assert table.column("metadata").to_pylist() == [[("k", "v")], None]
 
 
+def test_metadata_values_that_are_not_strings_are_sent_as_text():
+    # A plugin may report {"completion_tokens": 12}: the wire type is map<string, string>.
+    body = _arrow.encode_results(["x", "y"], [None, None], [{"completion_tokens": 12, 3: 0.5}, {"k": "v"}])
+    assert _arrow.decode_results(body).column("metadata").to_pylist() == [
+        [("completion_tokens", "12"), ("3", "0.5")], [("k", "v")]]
+
+
 def test_bad_bodies_are_explained():
     with pytest.raises(ValueError, match="not an Arrow IPC stream"):
         _arrow.decode_params(b"hello")

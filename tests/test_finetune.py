@@ -90,6 +90,14 @@ def test_data_servers_push_partitions_into_a_ray_dataset(env):
         assert ids == list(range(10000))
     finally:
         servers.close()
+    # Closing a pooled set drops its data and keeps the actors: the next push reuses them.
+    assert servers.pooled and servers.blocks() == []
+    ds2, servers2 = bls.to_ray_dataset(df.where("id < 10"))
+    try:
+        assert servers2.names == servers.names and servers2.set_id != servers.set_id
+        assert sorted(r["id"] for r in ds2.take_all()) == list(range(10))
+    finally:
+        servers2.close()
 
 
 def test_bad_input_is_refused_before_training(env, jobs_dir):

@@ -9,7 +9,10 @@ first bad row), so nothing of the table is collected on the driver. The training
 the blocks as a ``ray.data.Dataset`` (``ray.data.from_arrow_refs``).
 
 A server created for a detached job is itself detached and named after the job: the data outlives
-the caller's process and stays for a resumed run; the job removes it when it succeeds.
+the caller's process and stays for a resumed run; the job removes it when it succeeds. Servers for
+in-process use (``to_ray_dataset``, ``push`` without a name) are pooled: closing them drops their
+data and keeps the actor for the next push, so only the first push of a process waits for actors
+to start (about 0.5 s each). A server holds several pushes apart by their set id.
 
 Security: every push carries a random bearer token made for that server set; servers bind
 127.0.0.1 on an embedded cluster and the node's address otherwise.
@@ -23,6 +26,7 @@ import secrets
 import threading
 import time
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -31,8 +35,9 @@ from ..errors import ClusterError, ConfigError
 
 logger = logging.getLogger(__name__)
 
-#: Arrow IPC bytes per HTTP request from one Spark task; larger partitions send several.
-PUSH_CHUNK_BYTES = 64 << 20
+#: Arrow IPC bytes per HTTP request from one Spark task; larger partitions send several, one
+#: being sent while the next is encoded.
+PUSH_CHUNK_BYTES = 16 << 20
 _SUMMARY_SCHEMA = "partition int, rows long, bytes long, error string"
 
 
@@ -45,9 +50,10 @@ class _DataServer:
         import ray
 
         self._token = token
-        self._refs: dict[tuple[int, int], Any] = {}
-        self._rows: dict[tuple[int, int], int] = {}
-        self._bytes: dict[tuple[int, int], int] = {}
+        # keyed by (set id, partition, seq)
+        self._refs: dict[tuple[str, int, int], Any] = {}
+        self._rows: dict[tuple[str, int, int], int] = {}
+        self._bytes: dict[tuple[str, int, int], int] = {}
         self._lock = threading.Lock()
         server = self
 
@@ -73,8 +79,14 @@ class _DataServer:
                     length = int(self.headers.get("Content-Length", "0"))
                     partition = int(self.headers["X-Partition"])
                     seq = int(self.headers.get("X-Seq", "0"))
-                    body = self.rfile.read(length)
-                    rows = server._store(partition, seq, body)
+                    body = bytearray(length)
+                    view, got = memoryview(body), 0
+                    while got < length:
+                        n = self.rfile.readinto(view[got:])
+                        if not n:
+                            raise ConnectionError(f"the push ended after {got} of {length} bytes")
+                        got += n
+                    rows = server._store(self.headers.get("X-Set", ""), partition, seq, body)
                     self._reply(200, {"rows": rows})
                 except Exception as exc:  # the Spark task reports it
                     self._reply(400, {"error": f"{type(exc).__name__}: {exc}"})
@@ -85,7 +97,7 @@ class _DataServer:
         self._address = f"http://{host}:{self._http.server_address[1]}"
         threading.Thread(target=self._http.serve_forever, name="data-server", daemon=True).start()
 
-    def _store(self, partition: int, seq: int, body: bytes) -> int:
+    def _store(self, set_id: str, partition: int, seq: int, body: bytearray) -> int:
         import pyarrow as pa
         import ray
 
@@ -93,24 +105,36 @@ class _DataServer:
         ref = ray.put(table)
         with self._lock:
             if seq == 0:  # a retried task starts again at seq 0: drop what its earlier attempt sent
-                for key in [k for k in self._refs if k[0] == partition]:
+                for key in [k for k in self._refs if k[:2] == (set_id, partition)]:
                     del self._refs[key], self._rows[key], self._bytes[key]
-            self._refs[(partition, seq)] = ref
-            self._rows[(partition, seq)] = table.num_rows
-            self._bytes[(partition, seq)] = len(body)
+            key = (set_id, partition, seq)
+            self._refs[key] = ref
+            self._rows[key] = table.num_rows
+            self._bytes[key] = len(body)
         return table.num_rows
 
     def address(self) -> str:
         return self._address
 
-    def blocks(self) -> list[tuple[int, int, int, Any]]:
-        """``(partition, seq, rows, ref)`` for every block, in partition order."""
+    def blocks(self, set_id: str = "") -> list[tuple[int, int, int, Any]]:
+        """``(partition, seq, rows, ref)`` for every block of one push, in partition order."""
         with self._lock:
-            return [(p, s, self._rows[(p, s)], self._refs[(p, s)]) for p, s in sorted(self._refs)]
+            keys = sorted(k for k in self._refs if k[0] == set_id)
+            return [(k[1], k[2], self._rows[k], self._refs[k]) for k in keys]
 
-    def stats(self) -> dict[str, int]:
+    def stats(self, set_id: str = "") -> dict[str, int]:
         with self._lock:
-            return {"blocks": len(self._refs), "rows": sum(self._rows.values()), "bytes": sum(self._bytes.values())}
+            keys = [k for k in self._refs if k[0] == set_id]
+            return {"blocks": len(keys), "rows": sum(self._rows[k] for k in keys),
+                    "bytes": sum(self._bytes[k] for k in keys)}
+
+    def drop(self, set_id: str) -> int:
+        """Forget one push's blocks (their objects are freed once no dataset refers to them)."""
+        with self._lock:
+            keys = [k for k in self._refs if k[0] == set_id]
+            for key in keys:
+                del self._refs[key], self._rows[key], self._bytes[key]
+            return len(keys)
 
     def close(self) -> None:
         self._http.shutdown()
@@ -133,6 +157,8 @@ class DataServers:
     rows: int = 0
     partitions: int = 0
     bytes: int = 0
+    set_id: str = ""
+    pooled: bool = False
 
     def handles(self) -> list[Any]:
         import ray
@@ -143,7 +169,7 @@ class DataServers:
         import ray
 
         out = []
-        for blocks in ray.get([h.blocks.remote() for h in self.handles()]):
+        for blocks in ray.get([h.blocks.remote(self.set_id) for h in self.handles()]):
             out.extend(blocks)
         return sorted(out, key=lambda b: (b[0], b[1]))
 
@@ -161,9 +187,21 @@ class DataServers:
         return ray.data.from_arrow_refs(refs)
 
     def close(self) -> None:
-        """Kill the servers; their objects are freed with them."""
+        """Free the pushed data: kill the servers, or, for pooled ones, drop this push's blocks and
+        hand the servers back to the pool."""
         import ray
 
+        if self.pooled:
+            try:
+                ray.get([h.drop.remote(self.set_id) for h in self.handles()])
+            except Exception:  # a server is gone: the rest are not reused
+                logger.debug("a pooled data server is gone", exc_info=True)
+                self.pooled = False
+            else:
+                with _pool_lock:
+                    if all(name in _live for name in self.names):
+                        _free.append((self.names, self.token, self.addresses))
+                return
         for name in self.names:
             try:
                 ray.kill(ray.get_actor(name, namespace=cluster.NAMESPACE), no_restart=True)
@@ -171,12 +209,13 @@ class DataServers:
                 pass  # already gone
 
     def to_json(self) -> dict[str, Any]:
-        return {"names": self.names, "rows": self.rows, "partitions": self.partitions, "bytes": self.bytes}
+        return {"names": self.names, "rows": self.rows, "partitions": self.partitions, "bytes": self.bytes,
+                "set_id": self.set_id}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "DataServers":
         return cls(names=list(data["names"]), rows=data.get("rows", 0), partitions=data.get("partitions", 0),
-                   bytes=data.get("bytes", 0))
+                   bytes=data.get("bytes", 0), set_id=data.get("set_id", ""))
 
 
 def start_servers(count: int, *, name_prefix: str, detached: bool, host: str | None = None) -> DataServers:
@@ -207,15 +246,32 @@ def start_servers(count: int, *, name_prefix: str, detached: bool, host: str | N
 
 #: Handles of the servers this process started; a non-detached actor lives while a handle does.
 _live: dict[str, Any] = {}
+#: Pooled server sets of this process that no push is using: (names, token, addresses).
+_free: list[tuple[list[str], str, list[str]]] = []
+_pool_lock = threading.Lock()
+
+
+def _pooled_servers(count: int) -> DataServers:
+    """A set of ``count`` idle pooled servers (started if the pool has none), with a fresh set id."""
+    with _pool_lock:
+        for i, (names, token, addresses) in enumerate(_free):
+            if len(names) == count:
+                del _free[i]
+                return DataServers(names=names, token=token, addresses=addresses, set_id=uuid.uuid4().hex,
+                                   pooled=True)
+    servers = start_servers(count, name_prefix=f"byzerllm-data-pool-{uuid.uuid4().hex[:8]}", detached=False)
+    servers.set_id, servers.pooled = uuid.uuid4().hex, True
+    return servers
 
 
 def release(servers: DataServers) -> None:
     servers.close()
-    for name in servers.names:
-        _live.pop(name, None)
+    if not servers.pooled:
+        for name in servers.names:
+            _live.pop(name, None)
 
 
-def _pusher(addresses: list[str], token: str, transform: Callable | None, chunk_bytes: int):
+def _pusher(addresses: list[str], token: str, set_id: str, transform: Callable | None, chunk_bytes: int):
     """The function each Spark task runs (``mapInArrow``): push, then yield one summary row."""
 
     def push(batches: Iterator[Any]) -> Iterator[Any]:
@@ -231,14 +287,17 @@ def _pusher(addresses: list[str], token: str, transform: Callable | None, chunk_
         error = None
         sink = writer = None
         pending = 0
+        # One chunk is sent (and stored by the server) while the next is read from Spark and
+        # encoded: the JVM, this worker and the server work at the same time.
+        sender = ThreadPoolExecutor(1, thread_name_prefix="byzerllm-push")
+        in_flight: Future | None = None
 
-        def send(buffer) -> None:
-            nonlocal seq, sent_bytes
+        def post(buffer, number: int) -> int:
             for attempt in range(3):
                 try:
                     resp = session.post(url, data=buffer, timeout=600, headers={
-                        "Authorization": f"Bearer {token}", "X-Partition": str(partition), "X-Seq": str(seq),
-                        "Content-Type": "application/vnd.apache.arrow.stream"})
+                        "Authorization": f"Bearer {token}", "X-Partition": str(partition), "X-Seq": str(number),
+                        "X-Set": set_id, "Content-Type": "application/vnd.apache.arrow.stream"})
                     break
                 except requests.ConnectionError:
                     if attempt == 2:
@@ -246,8 +305,14 @@ def _pusher(addresses: list[str], token: str, transform: Callable | None, chunk_
                     time.sleep(0.5 * (attempt + 1))
             if resp.status_code != 200:
                 raise RuntimeError(f"data server {url} refused partition {partition}: {resp.status_code} {resp.text}")
+            return buffer.size
+
+        def send(buffer) -> None:
+            nonlocal seq, sent_bytes, in_flight
+            if in_flight is not None:
+                sent_bytes += in_flight.result()
+            in_flight = sender.submit(post, buffer, seq)
             seq += 1
-            sent_bytes += buffer.size
 
         try:
             for batch in batches:
@@ -271,7 +336,10 @@ def _pusher(addresses: list[str], token: str, transform: Callable | None, chunk_
             if writer is not None and error is None:
                 writer.close()
                 send(sink.getvalue())
+            if in_flight is not None:
+                sent_bytes += in_flight.result()
         finally:
+            sender.shutdown(wait=True)
             session.close()
         yield pa.RecordBatch.from_pydict(
             {"partition": [partition], "rows": [rows], "bytes": [sent_bytes], "error": [error]},
@@ -289,7 +357,8 @@ def push(df: Any, *, name: str | None = None, detached: bool = False, transform:
 
     Args:
         df: the Spark DataFrame. Its partitions are pushed in parallel by Spark's executors.
-        name: prefix of the servers' actor names (default: a random one).
+        name: prefix of the servers' actor names; without one (and not detached, no ``host``),
+            pooled servers of this process are used, and closing them keeps them for the next push.
         detached: make the servers detached actors (for detached jobs).
         transform: ``f(record_batch) -> (record_batch, None | (row_index, message))`` run on the
             executors (format normalisation); a bad row stops that partition's push.
@@ -307,10 +376,13 @@ def push(df: Any, *, name: str | None = None, detached: bool = False, transform:
     if num_servers is None:
         nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
         num_servers = max(1, min(nodes, partitions))
-    servers = start_servers(num_servers, name_prefix=name or f"byzerllm-data-{uuid.uuid4().hex[:8]}",
-                            detached=detached, host=host)
+    if name is None and not detached and host is None:
+        servers = _pooled_servers(num_servers)
+    else:
+        servers = start_servers(num_servers, name_prefix=name or f"byzerllm-data-{uuid.uuid4().hex[:8]}",
+                                detached=detached, host=host)
     try:
-        fn = _pusher(servers.addresses, servers.token, transform, chunk_bytes)
+        fn = _pusher(servers.addresses, servers.token, servers.set_id, transform, chunk_bytes)
         summaries = [row.asDict() for row in df.mapInArrow(fn, _SUMMARY_SCHEMA).collect()]
     except Exception:
         release(servers)
@@ -326,8 +398,8 @@ def to_ray_dataset(df: Any, *, num_servers: int | None = None, host: str | None 
     """A Spark DataFrame as a ``ray.data.Dataset``, moved partition by partition through data servers.
 
     Nothing is collected on the driver and no filesystem is shared: Spark's executors push Arrow
-    to Ray actors over HTTP. The servers live as long as this process keeps the returned servers
-    object (second return value); call ``servers.close()`` to free the data.
+    to Ray actors over HTTP. The data stays until ``servers.close()`` (the second return value)
+    or the end of this process; closing keeps the (pooled) server actors for the next call.
 
     Returns:
         ``(dataset, servers)``.
