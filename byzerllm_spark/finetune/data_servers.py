@@ -1,7 +1,10 @@
 """Data servers: Spark partitions pushed into Ray as Arrow, with no shared filesystem.
 
-A data server is a Ray actor running a small HTTP server. Each Spark task (``df.mapInArrow``)
-streams its partition's record batches to one server as Arrow IPC over HTTP; the server puts each
+A data server is a Ray actor running a small HTTP server. Each Spark task streams its partition's
+record batches to one server as Arrow IPC over HTTP. On classic PySpark the batches are the IPC
+messages Spark's JVM encodes for ``df.toArrow()`` (``toArrowBatchRdd``), forwarded by the Python
+worker without decoding them; elsewhere (Spark Connect) the task is a ``df.mapInArrow``. The server
+puts each
 received block into the Ray object store (it owns the objects) and keeps the refs, keyed by
 ``(partition, seq)`` so that a retried or speculative Spark task replaces its own blocks instead of
 adding rows twice. The Spark job returns one small summary row per partition (rows, bytes, the
@@ -39,6 +42,8 @@ logger = logging.getLogger(__name__)
 #: being sent while the next is encoded.
 PUSH_CHUNK_BYTES = 16 << 20
 _SUMMARY_SCHEMA = "partition int, rows long, bytes long, error string"
+#: Rows per Arrow record batch that Spark's JVM encodes for a push.
+BATCH_ROWS = 10_000
 
 
 class _DataServer:
@@ -271,31 +276,37 @@ def release(servers: DataServers) -> None:
             _live.pop(name, None)
 
 
-def _pusher(addresses: list[str], token: str, set_id: str, transform: Callable | None, chunk_bytes: int):
-    """The function each Spark task runs (``mapInArrow``): push, then yield one summary row."""
+_EOS = b"\xff\xff\xff\xff\x00\x00\x00\x00"  # the end-of-stream marker of the Arrow IPC stream format
 
-    def push(batches: Iterator[Any]) -> Iterator[Any]:
+
+def _pusher(addresses: list[str], token: str, set_id: str, transform: Callable | None, chunk_bytes: int,
+            schema_message: bytes | None = None):
+    """The function each Spark task runs: push its partition, then return one summary.
+
+    Two inputs: record batches (``mapInArrow``), or, with ``schema_message``, the Arrow IPC
+    messages Spark's JVM already encoded (``toArrowBatchRdd``), which are sent as they are.
+    """
+
+    def push(partition: int, items: Iterator[Any]) -> dict[str, Any]:
         import pyarrow as pa
         import requests
-        from pyspark import TaskContext
 
-        context = TaskContext.get()
-        partition = context.partitionId() if context is not None else 0
         url = addresses[partition % len(addresses)] + "/push"
         session = requests.Session()
         rows = sent_bytes = seq = 0
         error = None
-        sink = writer = None
+        parts: list[Any] = []  # IPC messages of the chunk being built
         pending = 0
-        # One chunk is sent (and stored by the server) while the next is read from Spark and
-        # encoded: the JVM, this worker and the server work at the same time.
+        schema = pa.ipc.read_schema(pa.py_buffer(schema_message)) if schema_message is not None else None
+        # One chunk is sent (and stored by the server) while the next is read from Spark:
+        # the JVM, this worker and the server work at the same time.
         sender = ThreadPoolExecutor(1, thread_name_prefix="byzerllm-push")
         in_flight: Future | None = None
 
-        def post(buffer, number: int) -> int:
+        def post(body: bytes, number: int) -> tuple[int, int]:
             for attempt in range(3):
                 try:
-                    resp = session.post(url, data=buffer, timeout=600, headers={
+                    resp = session.post(url, data=body, timeout=600, headers={
                         "Authorization": f"Bearer {token}", "X-Partition": str(partition), "X-Seq": str(number),
                         "X-Set": set_id, "Content-Type": "application/vnd.apache.arrow.stream"})
                     break
@@ -305,49 +316,93 @@ def _pusher(addresses: list[str], token: str, set_id: str, transform: Callable |
                     time.sleep(0.5 * (attempt + 1))
             if resp.status_code != 200:
                 raise RuntimeError(f"data server {url} refused partition {partition}: {resp.status_code} {resp.text}")
-            return buffer.size
+            return len(body), int(resp.json()["rows"])
 
-        def send(buffer) -> None:
-            nonlocal seq, sent_bytes, in_flight
+        def collect() -> None:
+            nonlocal sent_bytes, rows, in_flight
             if in_flight is not None:
-                sent_bytes += in_flight.result()
-            in_flight = sender.submit(post, buffer, seq)
+                size, count = in_flight.result()
+                sent_bytes, rows, in_flight = sent_bytes + size, rows + count, None
+
+        def flush(head: bytes) -> None:
+            nonlocal seq, in_flight, parts, pending
+            body = b"".join([head, *parts, _EOS])
+            parts, pending = [], 0
+            collect()
+            in_flight = sender.submit(post, body, seq)
             seq += 1
 
         try:
-            for batch in batches:
-                if transform is not None:
-                    batch, bad = transform(batch)
-                    if bad is not None:
-                        error = json.dumps({"row": rows + bad[0], "message": bad[1]})
-                        break
-                if batch.num_rows == 0:
-                    continue
-                if writer is None:
-                    sink = pa.BufferOutputStream()
-                    writer = pa.ipc.new_stream(sink, batch.schema)
-                writer.write_batch(batch)
-                rows += batch.num_rows
-                pending += batch.nbytes
+            head = schema_message
+            local_rows = 0  # rows read so far: positions of bad rows
+            for item in items:
+                if schema is not None and transform is None:
+                    parts.append(item)  # an IPC message from the JVM: forwarded untouched
+                    pending += len(item)
+                else:
+                    batch = pa.ipc.read_record_batch(pa.py_buffer(item), schema) if schema is not None else item
+                    if transform is not None:
+                        batch, bad = transform(batch)
+                        if bad is not None:
+                            error = json.dumps({"row": local_rows + bad[0], "message": bad[1]})
+                            break
+                    local_rows += batch.num_rows
+                    if batch.num_rows == 0:
+                        continue
+                    if not parts:
+                        head = batch.schema.serialize().to_pybytes()
+                    message = batch.serialize()
+                    parts.append(message)
+                    pending += message.size
                 if pending >= chunk_bytes:
-                    writer.close()
-                    send(sink.getvalue())
-                    writer, pending = None, 0
-            if writer is not None and error is None:
-                writer.close()
-                send(sink.getvalue())
-            if in_flight is not None:
-                sent_bytes += in_flight.result()
+                    flush(head)
+            if parts and error is None:
+                flush(head)
+            collect()
         finally:
             sender.shutdown(wait=True)
             session.close()
-        yield pa.RecordBatch.from_pydict(
-            {"partition": [partition], "rows": [rows], "bytes": [sent_bytes], "error": [error]},
-            schema=pa.schema([("partition", pa.int32()), ("rows", pa.int64()), ("bytes", pa.int64()),
-                              ("error", pa.string())]),
-        )
+        return {"partition": partition, "rows": rows, "bytes": sent_bytes, "error": error}
 
     return push
+
+
+def _jvm_arrow_batches(df: Any, max_records: int):
+    """(schema message, RDD of Arrow IPC record-batch messages) encoded by Spark's JVM, as for
+    ``df.toArrow()``; None where this session has no such path (Spark Connect, other Spark
+    versions), and the push goes through ``mapInArrow`` instead."""
+    try:
+        from pyspark.rdd import RDD
+        from pyspark.serializers import NoOpSerializer
+
+        spark = df.sparkSession
+        jdf, jvm = df._jdf, spark._jvm
+        tz = spark.conf.get("spark.sql.session.timeZone")
+        large = str(spark.conf.get("spark.sql.execution.arrow.useLargeVarTypes", "false")).lower() == "true"
+        utils = jvm.org.apache.spark.sql.util.ArrowUtils
+        # Spark 4: toArrowSchema(schema, timeZoneId, errorOnDuplicatedFieldNames, largeVarTypes, <5th>)
+        fifth = getattr(utils, "toArrowSchema$default$5")()
+        schema_message = bytes(utils.toArrowSchema(jdf.schema(), tz, True, large, fifth).serializeAsMessage())
+        jrdd = jdf.toArrowBatchRdd(max_records, tz, True, large).toJavaRDD()
+        return schema_message, RDD(jrdd, spark.sparkContext, NoOpSerializer())
+    except Exception:  # noqa: BLE001 - any failure here only means "use mapInArrow"
+        logger.debug("no JVM Arrow batches for this DataFrame; pushing through mapInArrow", exc_info=True)
+        return None
+
+
+def _summary_batches(fn: Callable) -> Callable:
+    """``fn`` as a ``mapInArrow`` function yielding its summary as one record batch."""
+
+    def run(batches: Iterator[Any]) -> Iterator[Any]:
+        import pyarrow as pa
+        from pyspark import TaskContext
+
+        context = TaskContext.get()
+        summary = fn(context.partitionId() if context is not None else 0, batches)
+        yield pa.RecordBatch.from_pylist([summary], schema=pa.schema(
+            [("partition", pa.int32()), ("rows", pa.int64()), ("bytes", pa.int64()), ("error", pa.string())]))
+
+    return run
 
 
 def push(df: Any, *, name: str | None = None, detached: bool = False, transform: Callable | None = None,
@@ -382,8 +437,14 @@ def push(df: Any, *, name: str | None = None, detached: bool = False, transform:
         servers = start_servers(num_servers, name_prefix=name or f"byzerllm-data-{uuid.uuid4().hex[:8]}",
                                 detached=detached, host=host)
     try:
-        fn = _pusher(servers.addresses, servers.token, servers.set_id, transform, chunk_bytes)
-        summaries = [row.asDict() for row in df.mapInArrow(fn, _SUMMARY_SCHEMA).collect()]
+        jvm_batches = _jvm_arrow_batches(df, BATCH_ROWS)
+        if jvm_batches is not None:
+            schema_message, rdd = jvm_batches
+            fn = _pusher(servers.addresses, servers.token, servers.set_id, transform, chunk_bytes, schema_message)
+            summaries = rdd.mapPartitionsWithIndex(lambda i, items: [fn(i, items)]).collect()
+        else:
+            fn = _pusher(servers.addresses, servers.token, servers.set_id, transform, chunk_bytes)
+            summaries = [row.asDict() for row in df.mapInArrow(_summary_batches(fn), _SUMMARY_SCHEMA).collect()]
     except Exception:
         release(servers)
         raise
