@@ -12,6 +12,7 @@ started by an earlier module), the kill/resume test uses ``detached=False`` jobs
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import threading
@@ -129,6 +130,22 @@ def test_pushed_rows_equal_to_arrow_for_every_column_type(env, monkeypatch, path
             assert got.column(name).to_pylist() == expected.column(name).to_pylist(), name
     finally:
         data_servers.release(servers)
+
+
+def test_a_plugin_sft_train_gets_the_table_rows_through_data_servers(env, jobs_dir):
+    """Seed 001: custom/<module> with sft_train(data_refs, train_params, conf) gets the table's own
+    columns from the data servers, as Arrow table refs."""
+    spark, _ = env
+    df = spark.range(0, 3000, numPartitions=3).selectExpr("id", "concat('q', id) AS question")
+    job = bls.sft(df, output=jobs_dir, name="plugin", pretrained_model_type="custom/echo",
+                  params={"sft.int.max_seq_length": "64", "custom_key": "x"}, sys_conf={"k": "v"},
+                  detached=False, progress=False)
+    assert bls.job_status(job)["status"] == "SUCCEEDED"
+    with open(os.path.join(bls.job_output(job), "echo_train.json")) as f:
+        summary = json.load(f)
+    assert summary["rows"] == 3000 and summary["blocks"] == 3
+    assert summary["columns"] == ["id", "question"]
+    assert {"localPathPrefix", "custom_key"} <= set(summary["train_params"]) and summary["conf"] == ["k"]
 
 
 def test_bad_input_is_refused_before_training(env, jobs_dir):

@@ -7,13 +7,20 @@ arguments it received in its metadata. It loads nothing, so it measures the serv
 ``infer_params``: ``echo_prefix`` (text put before each answer), ``echo_init_seconds`` (sleep in
 ``init_model``, to stand in for a slow model load), ``echo_delay_ms`` (sleep per answer, to stand in
 for model latency).
+
+It also has the seed's ``sft_train`` / ``sfft_train``: they train nothing, read every row the data
+servers hold and write what arrived to ``<localPathPrefix>/final/echo_train.json`` (rows, columns,
+the first row, the ``train_params`` keys), so ``bls.sft(df, pretrained_model_type="custom/echo")``
+exercises the plugin finetune path end to end.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import time
 import types
-from typing import Dict, List
+from typing import Any, Dict, Iterator, List
 
 
 #: The Spark functions read this to size their requests: echo answers in microseconds.
@@ -49,3 +56,28 @@ def stream_chat(
     for key, value in kwargs.items():
         meta[f"kw.{key}"] = str(value)
     return [(self.prefix + ins, {"metadata": meta})]
+
+
+def sft_train(data_refs: List[Any], train_params: Dict[str, str], conf: Dict[str, str]) -> Iterator[Dict[str, Any]]:
+    """Read the pushed rows (``ray.get`` of each Arrow table ref) and report them; no training."""
+    import pyarrow as pa
+    import ray
+
+    tables = [ray.get(ref) for ref in data_refs]
+    table = pa.concat_tables(tables) if tables else pa.table({})
+    final = os.path.join(train_params["localPathPrefix"], "final")
+    os.makedirs(final, exist_ok=True)
+    summary = {
+        "rows": table.num_rows,
+        "blocks": len(tables),
+        "columns": table.column_names,
+        "first_row": table.slice(0, 1).to_pylist()[0] if table.num_rows else None,
+        "train_params": sorted(train_params),
+        "conf": sorted(conf),
+    }
+    with open(os.path.join(final, "echo_train.json"), "w") as f:
+        json.dump(summary, f, default=str)
+    yield {"rows": table.num_rows, "blocks": len(tables)}
+
+
+sfft_train = sft_train
