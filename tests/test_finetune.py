@@ -12,6 +12,7 @@ started by an earlier module), the kill/resume test uses ``detached=False`` jobs
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
@@ -170,6 +171,11 @@ def test_bad_input_is_refused_before_training(env, jobs_dir):
         bls.sfft(spark.createDataFrame([("some text",)], "text string"), num_workers=64, **kwargs)
     with pytest.raises(ConfigError, match="deepspeedConfig"):
         bls.sfft(spark.createDataFrame([("some text",)], "text string"), deepspeed_config="{bad", **kwargs)
+    if importlib.util.find_spec("deepspeed") is not None:
+        with pytest.raises(ConfigError, match="train_batch_size=8 disagrees.*needs train_batch_size=2"):
+            bls.sfft(spark.createDataFrame([("some text",)], "text string"),
+                     params={"sfft.int.per_device_train_batch_size": "2"},
+                     deepspeed_config={"train_batch_size": 8, "zero_optimization": {"stage": 1}}, **kwargs)
     assert {j["job_id"] for j in bls.list_jobs()} == before  # nothing was submitted
     assert not os.path.exists(jobs_dir)
 
@@ -239,6 +245,25 @@ def _first_checkpoint(job, timeout=240):
         assert status["status"] not in ("FAILED", "SUCCEEDED"), status
         time.sleep(1)
     raise AssertionError(f"no checkpoint after {timeout}s: {bls.job_status(job)}")
+
+
+def test_sfft_with_a_deepspeed_config_trains_under_deepspeed(env, jobs_dir):
+    """deepspeedConfig: ZeRO stage 1 on 2 CPU workers (gloo); DeepSpeed writes its own checkpoint."""
+    pytest.importorskip("deepspeed")  # scripts/setup.sh installs it (DS_BUILD_OPS=0, no CUDA)
+    spark, _ = env
+    df = spark.createDataFrame([(t,) for t in TEXTS * 4], "text string").repartition(2)
+    config = {"train_batch_size": 4, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+              "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}},
+              "zero_optimization": {"stage": 1}}
+    job = bls.sfft(df, output=jobs_dir, name="deepspeed", num_workers=2, detached=False, progress=False,
+                   deepspeed_config=json.dumps(config),
+                   params={"sfft.int.max_length": "32", "sfft.int.num_train_epochs": "2",
+                           "sfft.int.per_device_train_batch_size": "2"})
+    status = bls.job_status(job)
+    assert status["status"] == "SUCCEEDED"
+    assert len(status["epoch_losses"]) == 2 and status["epoch_losses"][1] < status["epoch_losses"][0]
+    assert os.path.isdir(os.path.join(status["last_checkpoint"], "deepspeed"))  # the engine's own state
+    assert os.path.exists(os.path.join(bls.job_output(job), "model.safetensors"))
 
 
 def test_sfft_two_workers_killed_after_a_checkpoint_and_resumed(env, jobs_dir):

@@ -105,13 +105,14 @@ def _prepare(kind: str, df: Any, *, model_path: str | None, output: str | None, 
     if kind == "sft":
         SftConfig.parse(params)
     else:
-        SfftConfig.parse(params, deepspeed_config)
-        if deepspeed_config not in (None, ""):
+        sfft_config = SfftConfig.parse(params, deepspeed_config)
+        if sfft_config.deepspeed is not None:
             import importlib.util
 
             if importlib.util.find_spec("deepspeed") is None:
                 raise ConfigError("deepspeedConfig needs DeepSpeed on the training nodes: pip install deepspeed "
                                   "(or leave deepspeedConfig out to train with DDP)")
+            _check_deepspeed_batch(sfft_config, num_workers)
     plugin = _plugin_module(pretrained_model_type, kind)
     info = cluster.ensure_init()
     if model_path is not None and not isinstance(model_path, str):
@@ -133,6 +134,20 @@ def _prepare(kind: str, df: Any, *, model_path: str | None, output: str | None, 
         "sys_conf": dict(sys_conf or {}), "train_params": params, "data_server_host": data_server_host,
         "keep_data": bool(keep_data), "resume": False,
     }
+
+
+def _check_deepspeed_batch(config, num_workers: int) -> None:
+    """DeepSpeed's batch keys must agree with the sfft keys that drive the training loop."""
+    ds = config.deepspeed
+    micro, accumulate = int(config["per_device_train_batch_size"]), int(config["gradient_accumulation_steps"])
+    expected = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accumulate,
+                "train_batch_size": micro * accumulate * num_workers}
+    for key, want in expected.items():
+        if key in ds and str(ds[key]) != str(want):
+            raise ConfigError(
+                f"deepspeedConfig {key}={ds[key]!r} disagrees with the sfft settings: per_device_train_batch_size "
+                f"{micro} x gradient_accumulation_steps {accumulate} x num_workers {num_workers} needs {key}={want} "
+                f"(set it so, leave it out, or change the sfft.int.* keys)")
 
 
 def _push(spec: dict[str, Any], df: Any, transform, detached: bool) -> None:
