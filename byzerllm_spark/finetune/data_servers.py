@@ -427,10 +427,13 @@ def push(df: Any, *, name: str | None = None, detached: bool = False, transform:
     import ray
 
     cluster.ensure_init()
-    partitions = df.rdd.getNumPartitions()
+    try:
+        partitions: int | None = df.rdd.getNumPartitions()
+    except Exception:  # noqa: BLE001 - Spark Connect has no RDD API: counted from the summaries
+        partitions = None
     if num_servers is None:
         nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
-        num_servers = max(1, min(nodes, partitions))
+        num_servers = max(1, min(nodes, partitions or nodes))
     if name is None and not detached and host is None:
         servers = _pooled_servers(num_servers)
     else:
@@ -451,7 +454,7 @@ def push(df: Any, *, name: str | None = None, detached: bool = False, transform:
     summaries.sort(key=lambda r: r["partition"])
     servers.rows = sum(r["rows"] for r in summaries)
     servers.bytes = sum(r["bytes"] for r in summaries)
-    servers.partitions = partitions
+    servers.partitions = partitions if partitions is not None else len(summaries)
     return servers, summaries
 
 
