@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
+import threading
 import time
 from contextlib import contextmanager
+from typing import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # Spark's Python workers: this interpreter
@@ -24,3 +27,23 @@ def report(title: str, figure: float, baseline: float, unit: str, target: str = 
     if target:
         line += f" (target: {target})"
     print(line, flush=True)
+
+
+def run_in_threads(work: Callable, count: int) -> float:
+    """The in-process baselines: ``work(k, loop)`` in ``count`` threads, each with its own event
+    loop (one per backend instance, as each Serve replica has); returns the wall seconds."""
+
+    def drive(k: int) -> None:
+        loop = asyncio.new_event_loop()
+        try:
+            work(k, loop)
+        finally:
+            loop.close()
+
+    threads = [threading.Thread(target=drive, args=(k,)) for k in range(count)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - start

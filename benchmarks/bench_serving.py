@@ -10,13 +10,12 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from _common import report
+from _common import report, run_in_threads
 
 import byzerllm_spark as bls
 from byzerllm_spark import _arrow
@@ -82,20 +81,12 @@ def bench_tokens(requests_per_worker: int, max_length: int, backend: str) -> Non
     instances = [registry.build(config, default_model_dir()) for _ in range(2)]
     tokens = [0, 0]
 
-    def drive(k: int) -> None:
-        loop = asyncio.new_event_loop()
+    def drive(k: int, loop) -> None:
         for p in prompts[k::2]:
             (res,) = loop.run_until_complete(instances[k].chat_batch([parse_request(p)]))
             tokens[k] += int(res.metadata["completion_tokens"])
-        loop.close()
 
-    threads = [threading.Thread(target=drive, args=(k,)) for k in range(2)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    in_process = sum(tokens) / (time.perf_counter() - start)
+    in_process = sum(tokens) / run_in_threads(drive, 2)
     for inst in instances:
         inst.close()
     del instances

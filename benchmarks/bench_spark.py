@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import threading
 import time
 
 import numpy as np
-from _common import report
+from _common import report, run_in_threads
 
 import byzerllm_spark as bls
 from byzerllm_spark.request import parse_request
@@ -64,7 +63,7 @@ def bench_echo_sql(spark, rows: int, repeats: int) -> None:
     bls.undeploy("chat_echo")
 
 
-def bench_smollm2_sql(spark, rows: int, max_length: int) -> None:
+def bench_smollm2_sql(spark, rows: int, max_length: int, repeats: int) -> None:
     from pyspark.ml.functions import predict_batch_udf
 
     from byzerllm_spark.backends import registry
@@ -79,21 +78,10 @@ def bench_smollm2_sql(spark, rows: int, max_length: int) -> None:
     config = DeployConfig(model="inproc", infer_backend="transformers", cpus_per_worker=1)
     instances = [registry.build(config, default_model_dir()) for _ in range(2)]
 
-    def drive(k: int) -> None:
-        loop = asyncio.new_event_loop()
+    def drive(k: int, loop) -> None:
         mine = params[k::2]
         for i in range(0, len(mine), batch):
             loop.run_until_complete(instances[k].chat_batch([parse_request(p) for p in mine[i : i + batch]]))
-        loop.close()
-
-    threads = [threading.Thread(target=drive, args=(k,)) for k in range(2)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    in_process = rows / (time.perf_counter() - start)
-    del instances
 
     df = spark.createDataFrame([(q,) for q in questions], "q string").repartition(2).cache()
     df.count()
@@ -121,16 +109,22 @@ def bench_smollm2_sql(spark, rows: int, max_length: int) -> None:
     n = df.select(pbu("q").alias("a")).filter("a IS NOT NULL").count()
     predict_rate = n / (time.perf_counter() - start)
 
-    # Through the deployment: 2 workers, SQL function with 8-row requests.
+    # Through the deployment: 2 workers, SQL function with 8-row requests. In turn with (a), best
+    # of `repeats` each: on this shared 2-core VM a single run of either side moves by 10-20%.
     bls.deploy("smol_sql", infer_backend="transformers", num_workers=2, cpus_per_worker=1)
     bls.register_model_function(spark, "smol_sql", udf_name="smol", batch_size=batch, concurrency=2)
     df.createOrReplaceTempView("qs")
     spark.sql("SELECT smol(llm_param(map('instruction', 'hi', 'max_length', '2'))) ").collect()
-    start = time.perf_counter()
-    n = spark.sql(
-        f"SELECT count(smol(llm_param(map('instruction', q, 'temperature', '0', 'max_length', '{max_length}')))) FROM qs"
-    ).first()[0]
-    served = n / (time.perf_counter() - start)
+    sql = f"SELECT count(smol(llm_param(map('instruction', q, 'temperature', '0', 'max_length', '{max_length}')))) FROM qs"
+    runs_a, runs_sql = [], []
+    for _ in range(repeats):
+        runs_a.append(rows / run_in_threads(drive, 2))
+        start = time.perf_counter()
+        assert spark.sql(sql).first()[0] == rows
+        runs_sql.append(rows / (time.perf_counter() - start))
+    del instances
+    print(f"answers/s per run: via SQL {[round(x, 2) for x in runs_sql]}, in-process {[round(x, 2) for x in runs_a]}")
+    served, in_process = max(runs_sql), max(runs_a)
     report("SmolLM2 answers/s via SQL, 2 workers vs (a) in-process 2 instances", served, in_process, "answers/s",
            ">= 0.9")
     report("SmolLM2 answers/s via SQL, 2 workers vs (b) predict_batch_udf", served, predict_rate, "answers/s",
@@ -143,6 +137,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=200_000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--llm-rows", type=int, default=32)
+    parser.add_argument("--llm-repeats", type=int, default=2)
     parser.add_argument("--skip-models", action="store_true")
     parser.add_argument("--skip-echo", action="store_true")
     args = parser.parse_args()
@@ -152,7 +147,7 @@ def main() -> None:
         if not args.skip_echo:
             bench_echo_sql(spark, args.rows, args.repeats)
         if not args.skip_models:
-            bench_smollm2_sql(spark, args.llm_rows, 32)
+            bench_smollm2_sql(spark, args.llm_rows, 32, args.llm_repeats)
     finally:
         spark.stop()
         bls.shutdown()
