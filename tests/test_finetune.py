@@ -100,6 +100,16 @@ def test_data_servers_push_partitions_into_a_ray_dataset(env):
         assert sorted(r["id"] for r in ds2.take_all()) == list(range(10))
     finally:
         servers2.close()
+    # A pooled server that died is not handed out again: the next push starts new ones.
+    import ray
+
+    ray.kill(ray.get_actor(servers2.names[0], namespace="byzerllm_spark"), no_restart=True)
+    ds3, servers3 = bls.to_ray_dataset(df.where("id < 5"))
+    try:
+        assert servers3.names != servers2.names
+        assert sorted(r["id"] for r in ds3.take_all()) == list(range(5))
+    finally:
+        servers3.close()
 
 
 @pytest.mark.parametrize("path", ["jvm-batches", "mapInArrow"])

@@ -205,7 +205,7 @@ class DataServers:
             else:
                 with _pool_lock:
                     if all(name in _live for name in self.names):
-                        _free.append((self.names, self.token, self.addresses))
+                        _free.append((ray.get_runtime_context().get_job_id(), self.names, self.token, self.addresses))
                 return
         for name in self.names:
             try:
@@ -251,19 +251,33 @@ def start_servers(count: int, *, name_prefix: str, detached: bool, host: str | N
 
 #: Handles of the servers this process started; a non-detached actor lives while a handle does.
 _live: dict[str, Any] = {}
-#: Pooled server sets of this process that no push is using: (names, token, addresses).
-_free: list[tuple[list[str], str, list[str]]] = []
+#: Pooled server sets of this process that no push is using: (Ray job id, names, token, addresses).
+#: The job id changes when this process reconnects (bls.shutdown + bls.init): older sets are dropped.
+_free: list[tuple[str, list[str], str, list[str]]] = []
 _pool_lock = threading.Lock()
 
 
 def _pooled_servers(count: int) -> DataServers:
     """A set of ``count`` idle pooled servers (started if the pool has none), with a fresh set id."""
-    with _pool_lock:
-        for i, (names, token, addresses) in enumerate(_free):
-            if len(names) == count:
-                del _free[i]
-                return DataServers(names=names, token=token, addresses=addresses, set_id=uuid.uuid4().hex,
-                                   pooled=True)
+    import ray
+
+    job = ray.get_runtime_context().get_job_id()
+    while True:
+        with _pool_lock:
+            _free[:] = [entry for entry in _free if entry[0] == job]
+            found = next((entry for entry in _free if len(entry[1]) == count), None)
+            if found is None:
+                break
+            _free.remove(found)
+        _, names, token, addresses = found
+        servers = DataServers(names=names, token=token, addresses=addresses, set_id=uuid.uuid4().hex, pooled=True)
+        try:  # a pooled actor may have died (node lost, killed): then start fresh ones
+            ray.get([h.address.remote() for h in servers.handles()], timeout=30)
+            return servers
+        except Exception:  # noqa: BLE001 - any failure: this set is not reused
+            logger.info("a pooled data server is gone; starting new ones")
+            servers.pooled = False
+            release(servers)
     servers = start_servers(count, name_prefix=f"byzerllm-data-pool-{uuid.uuid4().hex[:8]}", detached=False)
     servers.set_id, servers.pooled = uuid.uuid4().hex, True
     return servers
