@@ -109,6 +109,7 @@ def bench_rows(spark, rows: int, repeat: int) -> None:
         "cast(id % 1000 as double) * 0.5 as x")
     df = df.cache()
     df.count()
+
     def count_only(batches):  # a mapInArrow push (the Spark Connect path) with nothing sent: its ceiling
         import pyarrow as pa
 
