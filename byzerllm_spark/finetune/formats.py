@@ -133,10 +133,23 @@ def _get(item: Any, key: str) -> Any:
     return getattr(item, key, None)
 
 
-def _normalise_alpaca(row: Mapping[str, Any]) -> list[dict[str, str]]:
-    turns: list[dict[str, str]] = []
+def _system_turns(row: Mapping[str, Any]) -> list[dict[str, str]]:
+    """The row's ``system`` column as the first turn, when it has one."""
     if row.get("system"):
-        turns.append({"role": "system", "content": _text(row["system"], "system")})
+        return [{"role": "system", "content": _text(row["system"], "system")}]
+    return []
+
+
+def _turn_items(row: Mapping[str, Any], column: str) -> list:
+    """A nested-format column's turns (a list, or its JSON text); empty is an error."""
+    items = _maybe_json(row.get(column))
+    if not items:
+        raise ValueError(f"{column} is empty")
+    return items
+
+
+def _normalise_alpaca(row: Mapping[str, Any]) -> list[dict[str, str]]:
+    turns = _system_turns(row)
     history = _maybe_json(row.get("history")) or []
     for i, pair in enumerate(history):
         if not isinstance(pair, (list, tuple)) or len(pair) != 2:
@@ -155,12 +168,8 @@ def _normalise_alpaca(row: Mapping[str, Any]) -> list[dict[str, str]]:
 
 
 def _normalise_moss(row: Mapping[str, Any]) -> list[dict[str, str]]:
-    turns: list[dict[str, str]] = []
-    if row.get("system"):
-        turns.append({"role": "system", "content": _text(row["system"], "system")})
-    conversation = _maybe_json(row.get("conversation"))
-    if not conversation:
-        raise ValueError("conversation is empty")
+    turns = _system_turns(row)
+    conversation = _turn_items(row, "conversation")
     for i, turn in enumerate(conversation):
         turns.append({"role": "user", "content": _text(_get(turn, "human"), f"conversation[{i}].human")})
         turns.append({"role": "assistant", "content": _text(_get(turn, "assistant"), f"conversation[{i}].assistant")})
@@ -168,9 +177,7 @@ def _normalise_moss(row: Mapping[str, Any]) -> list[dict[str, str]]:
 
 
 def _normalise_openai(row: Mapping[str, Any]) -> list[dict[str, str]]:
-    messages = _maybe_json(row.get("messages"))
-    if not messages:
-        raise ValueError("messages is empty")
+    messages = _turn_items(row, "messages")
     turns = []
     for i, msg in enumerate(messages):
         role = _get(msg, "role")
@@ -181,12 +188,8 @@ def _normalise_openai(row: Mapping[str, Any]) -> list[dict[str, str]]:
 
 
 def _normalise_sharegpt(row: Mapping[str, Any]) -> list[dict[str, str]]:
-    turns: list[dict[str, str]] = []
-    if row.get("system"):
-        turns.append({"role": "system", "content": _text(row["system"], "system")})
-    conversations = _maybe_json(row.get("conversations"))
-    if not conversations:
-        raise ValueError("conversations is empty")
+    turns = _system_turns(row)
+    conversations = _turn_items(row, "conversations")
     for i, msg in enumerate(conversations):
         who = _get(msg, "from")
         role = _SHAREGPT_ROLES.get(str(who).lower()) if who is not None else None
