@@ -18,9 +18,9 @@ from concurrent.futures import ThreadPoolExecutor
 from _common import report, run_in_threads
 
 import byzerllm_spark as bls
-from byzerllm_spark import _arrow
-from byzerllm_spark.client import post_arrow
-from byzerllm_spark.request import parse_request
+from byzerllm_spark.protocol import arrow as _arrow
+from byzerllm_spark.transport import post_arrow
+from byzerllm_spark.protocol.request import parse_request
 
 QUESTIONS = [
     "What is the capital of France?", "Name three primary colors.", "What is 12 times 12?",

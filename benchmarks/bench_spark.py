@@ -18,7 +18,7 @@ import numpy as np
 from _common import report, run_in_threads
 
 import byzerllm_spark as bls
-from byzerllm_spark.request import parse_request
+from byzerllm_spark.protocol.request import parse_request
 
 QUESTIONS = [
     "What is the capital of France?", "Name three primary colors.", "What is 12 times 12?",
@@ -91,7 +91,7 @@ def bench_smollm2_sql(spark, rows: int, max_length: int, repeats: int) -> None:
         from byzerllm_spark.backends import registry as reg
         from byzerllm_spark.backends._model_files import default_model_dir as dmd
         from byzerllm_spark.config import DeployConfig as DC
-        from byzerllm_spark.request import parse_request as pr
+        from byzerllm_spark.protocol.request import parse_request as pr
 
         backend = reg.build(DC(model="p", infer_backend="transformers", cpus_per_worker=1), dmd())
 

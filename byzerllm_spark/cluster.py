@@ -14,17 +14,18 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from . import _kv, auth, transport
 from .errors import ClusterError, ConfigError, bad_value
+from .settings import (
+    AUTH_TOKEN_ENV,
+    DEFAULT_HTTP_PORT,
+    KV_ENDPOINT,
+    LOOPBACK_HOSTS,
+    MIN_TOKEN_LENGTH,
+    NAMESPACE,
+)
 
 logger = logging.getLogger(__name__)
-
-NAMESPACE = "byzerllm_spark"
-_KV_ENDPOINT = b"byzerllm_spark/endpoint"
-DEFAULT_HTTP_PORT = 8000
-#: Where callers that did not run ``init()`` (Spark executors, scripts) find the bearer token.
-AUTH_TOKEN_ENV = "BYZERLLM_AUTH_TOKEN"
-_LOOPBACK = ("127.0.0.1", "localhost", "::1")
-MIN_TOKEN_LENGTH = 16
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ class ClusterInfo:
     dashboard_url: str | None = None
 
 
-_state: dict[str, Any] = {"info": None, "started_ray": False, "ray_on_spark": None, "auth_token": None}
+_state: dict[str, Any] = {"info": None, "started_ray": False, "ray_on_spark": None}
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -73,7 +74,7 @@ def init(
 
     Args:
         ray_address: None starts an embedded local Ray; ``"auto"`` or ``"ray://host:10001"`` or
-            ``"host:6379"`` joins an existing cluster (seed 000's ``rayAddress``).
+            ``"host:6379"`` joins an existing cluster (Byzer-LLM's ``rayAddress``).
         http_host: address Serve's HTTP proxy binds. Keep 127.0.0.1 unless executors on other
             machines must reach it; any other address requires ``auth_token``.
         http_port: port of the proxy; None takes 8000, or a free port when 8000 is taken.
@@ -105,7 +106,7 @@ def init(
     token = _check_auth(http_host, auth_token)
     if _state["info"] is not None and ray.is_initialized():
         if token:
-            _state["auth_token"] = token
+            transport.set_auth_token(token)
         return _state["info"]
 
     if spark is not None and ray_on_spark_workers:
@@ -138,7 +139,7 @@ def init(
         ) from exc
 
     endpoint = _start_serve(http_host, http_port, token)
-    _state["auth_token"] = token
+    transport.set_auth_token(token)
     if token:
         # Spark's Python workers (local mode) inherit the driver's environment: they send it too.
         os.environ.setdefault(AUTH_TOKEN_ENV, token)
@@ -164,7 +165,7 @@ def _check_auth(http_host: str, auth_token: str | None) -> str | None:
             f"auth_token is not valid: use a string of at least {MIN_TOKEN_LENGTH} characters without "
             "surrounding spaces, e.g. secrets.token_urlsafe(32)"
         )
-    if http_host not in _LOOPBACK and not token:
+    if http_host not in LOOPBACK_HOSTS and not token:
         raise ConfigError(
             bad_value(
                 "http_host",
@@ -177,30 +178,25 @@ def _check_auth(http_host: str, auth_token: str | None) -> str | None:
     return token
 
 
-def auth_token() -> str | None:
-    """The bearer token this process sends: the one given to ``init()``, else ``$BYZERLLM_AUTH_TOKEN``."""
-    return _state.get("auth_token") or os.environ.get(AUTH_TOKEN_ENV) or None
+auth_token = transport.auth_token
 
 
 def _start_serve(http_host: str, http_port: int | None, token: str | None = None) -> str:
     from ray import serve
-    from ray.experimental import internal_kv
-
-    from .serving import _auth
 
     if http_port is not None and (not isinstance(http_port, int) or not 0 <= http_port < 65536):
         raise ConfigError(bad_value("http_port", http_port, "use an integer port such as 8000, or None"))
-    existing = internal_kv._internal_kv_get(_KV_ENDPOINT, namespace=NAMESPACE)
+    existing = _kv.get(KV_ENDPOINT)
     if existing is not None and _serve_running():
-        required = _auth.stored_digest()
-        if token and required != _auth.digest(token):
+        required = auth.stored_digest()
+        if token and required != auth.digest(token):
             raise ConfigError(
                 "auth_token is not valid for this cluster: its endpoint was started "
                 + ("with another token" if required else "without a token (open on loopback only)")
                 + "; pass the token it was started with, or none"
             )
         return existing.decode()
-    _auth.publish(token)  # before any replica starts: each reads it once
+    auth.publish(token)  # before any replica starts: each reads it once
     if http_port is None:
         http_port = DEFAULT_HTTP_PORT if _port_free(http_host, DEFAULT_HTTP_PORT) else _free_port(http_host)
     elif http_port == 0:
@@ -217,7 +213,7 @@ def _start_serve(http_host: str, http_port: int | None, token: str | None = None
             logger.warning("Serve did not start (%s); retrying", str(exc).splitlines()[0])
             time.sleep(2)
     endpoint = f"http://{'127.0.0.1' if http_host in ('0.0.0.0', 'localhost') else http_host}:{http_port}"
-    internal_kv._internal_kv_put(_KV_ENDPOINT, endpoint.encode(), overwrite=True, namespace=NAMESPACE)
+    _kv.put(KV_ENDPOINT, endpoint.encode())
     return endpoint
 
 
@@ -284,4 +280,5 @@ def shutdown() -> None:
 
         shutdown_ray_cluster()
     ray.shutdown()
-    _state.update(info=None, started_ray=False, ray_on_spark=None, auth_token=None)
+    transport.set_auth_token(None)
+    _state.update(info=None, started_ray=False, ray_on_spark=None)

@@ -26,37 +26,6 @@ _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
 _MODEL_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]{0,63}$")
 
-#: ``!byzerllm setup <preset>`` defaults (seed 000: "single" sets the usual single-model values).
-PRESETS: dict[str, dict[str, str]] = {
-    "single": {
-        "dataMode": "model",
-        "runIn": "driver",
-        "num_gpus": "0",
-        "maxConcurrency": "1",
-        "standalone": "true",
-        "schema": "file",
-    },
-    "sft": {
-        "dataMode": "model",
-        "runIn": "driver",
-        "num_gpus": "0",
-        "maxConcurrency": "1",
-        "standalone": "true",
-        "schema": "file",
-        "detached": "true",
-    },
-    "sfft": {
-        "dataMode": "model",
-        "runIn": "driver",
-        "num_gpus": "0",
-        "maxConcurrency": "1",
-        "standalone": "false",
-        "schema": "file",
-        "detached": "true",
-    },
-}
-
-
 def is_secret_key(key: str) -> bool:
     """True for keys whose values must never be shown (``saas.api_key`` and friends)."""
     return key.rsplit(".", 1)[-1].lower() in SECRET_KEYS

@@ -46,3 +46,36 @@ class ChecksumError(ModelTableError):
 def bad_value(param: str, value: object, fix: str) -> str:
     """Format the standard message: the parameter, its bad value and how to fix it."""
     return f"{param}={value!r} is not valid: {fix}"
+
+
+class RequestParseError(RequestError, ValueError):
+    """One request (row) is malformed: that row gets this error; the other rows are answered."""
+
+
+class SaasError(RequestError):
+    """A SaaS vendor call failed for good. ``status`` is the vendor's HTTP status (502: no answer)."""
+
+    def __init__(self, message: str, status: int = 502, retries: int = 0) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retries = retries
+
+    def metadata(self) -> dict[str, str]:
+        return {"http_status": str(self.status), "retries": str(self.retries)}
+
+
+def not_deployed(model: str, deployed: list[str], where: str | None = None) -> ModelNotFoundError:
+    """The one "model is not deployed" error: names the model, where it was looked for, and what is there."""
+    at = f" at {where}" if where else ""
+    listing = ", ".join(repr(m) for m in deployed) if deployed else "none"
+    return ModelNotFoundError(
+        f"model {model!r} is not deployed{at}; deployed models: {listing}. Deploy it with "
+        f"bls.deploy({model!r}, ...) or `byzerllm deploy --model {model}`, or check the name"
+    )
+
+
+def check_int(param: str, value: object, minimum: int = 1, example: int | None = None) -> int:
+    """``value`` as an int >= ``minimum`` (bools refused), else :class:`ConfigError` naming ``param``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(bad_value(param, value, f"use an integer >= {minimum}, e.g. {example or max(minimum, 1)}"))
+    return value

@@ -3,7 +3,7 @@
 import pyarrow as pa
 import pytest
 
-from byzerllm_spark import _arrow
+from byzerllm_spark.protocol import arrow as _arrow
 
 
 def test_params_round_trip_keeps_nulls_and_order():

@@ -11,7 +11,7 @@ import pytest
 
 from byzerllm_spark.config import DeployConfig, InferParams, parse_typed_params
 from byzerllm_spark.errors import ConfigError
-from byzerllm_spark.request import RequestParseError, parse_request
+from byzerllm_spark.protocol.request import RequestParseError, parse_request
 
 
 def test_infer_params_split_by_prefix():

@@ -14,7 +14,7 @@ import pytest
 import requests
 
 from _fake_openai import FakeOpenAIServer
-from byzerllm_spark.serving._openai import (
+from byzerllm_spark.serving.openai import (
     OpenAIError,
     chat_params,
     completion_params,

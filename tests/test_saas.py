@@ -18,7 +18,7 @@ from byzerllm_spark.backends import registry
 from byzerllm_spark.backends.saas import VENDORS, SaasBackend, SaasOptions, retry_after_seconds
 from byzerllm_spark.config import DeployConfig, InferParams
 from byzerllm_spark.errors import BackendNotFoundError, ConfigError
-from byzerllm_spark.request import parse_request
+from byzerllm_spark.protocol.request import parse_request
 
 
 def saas_config(kind: str = "saas/openai", *, concurrency: int = 1, gpus: float = 0, **saas) -> DeployConfig:

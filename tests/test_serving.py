@@ -11,7 +11,7 @@ import pytest
 import requests
 
 import byzerllm_spark as bls
-from byzerllm_spark import _arrow
+from byzerllm_spark.protocol import arrow as _arrow
 from byzerllm_spark.errors import (
     BackendNotFoundError,
     ConfigError,

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator
 
 if TYPE_CHECKING:
     from ..config import DeployConfig
-    from ..request import ChatRequest
+    from ..protocol.request import ChatRequest
 
 
 @dataclass(slots=True)

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, AsyncIterator, Mapping
 
 from ..config import REDACTED, parse_typed
-from ..errors import BackendNotFoundError, ConfigError, bad_value
+from ..errors import BackendNotFoundError, ConfigError, SaasError, bad_value
 from .base import Backend, ChatResult
 
 if TYPE_CHECKING:
@@ -182,18 +182,6 @@ def check_config(config: "DeployConfig") -> str:
     """Driver-side check of a ``saas/<vendor>`` deployment (imports nothing heavy)."""
     SaasOptions.from_config(config)
     return config.pretrained_model_type
-
-
-class SaasError(RuntimeError):
-    """An upstream call failed for good. ``status`` is the upstream HTTP status (502 for no answer)."""
-
-    def __init__(self, message: str, status: int, retries: int) -> None:
-        super().__init__(message)
-        self.status = status
-        self.retries = retries
-
-    def metadata(self) -> dict[str, str]:
-        return {"http_status": str(self.status), "retries": str(self.retries)}
 
 
 class RateLimiter:

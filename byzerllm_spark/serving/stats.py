@@ -1,4 +1,4 @@
-"""Live counters of every worker of one model, for ``stat()`` (seed 002's fields).
+"""Live counters of every worker of one model, for ``stat()`` (Byzer-LLM's fields).
 
 Each replica reports its counters to this small actor when a batch starts and ends (fire and
 forget, so the request path never waits on it). ``stat()`` reads them and drops replicas whose
@@ -12,7 +12,7 @@ from typing import Any
 
 import ray
 
-from ..cluster import NAMESPACE
+from ..settings import NAMESPACE
 
 SERVE_NAMESPACE = "serve"
 

@@ -3,29 +3,31 @@
 It is its own HTTP ingress (route prefix ``/{model}``), so a Spark batch goes proxy → replica with
 no extra hop. Routes:
 
-- ``POST /{model}/arrow``  Arrow IPC in, Arrow IPC out (the contract in ``_arrow.py``)
+- ``POST /{model}/arrow``  Arrow IPC in, Arrow IPC out (the contract in ``protocol/arrow.py``)
 - ``POST /{model}/embed``  Arrow IPC in (``params``: text or request JSON), embeddings out
 - ``POST /{model}/stream`` one request as JSON in, server-sent events out (``bls.stream_chat``)
 - ``GET  /{model}/info``   backend, model dir, replica id (JSON)
 
 With ``bls.init(auth_token=...)`` every route needs ``Authorization: Bearer <token>``. The OpenAI
-app (``_openai.py``) reaches the same replicas through deployment handles (``chat_batch``,
+app (``openai.py``) reaches the same replicas through deployment handles (``chat_batch``,
 ``stream_chat``, ``embed_rows``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import time
 from typing import Any
 
-from .. import _arrow
+from ..auth import authorized, stored_digest, unauthorized_response
 from ..backends import registry
 from ..backends.base import ChatResult
-from ..request import RequestParseError, parse_request
-from ._auth import authorized, stored_digest, unauthorized_response
+from ..errors import RequestParseError
+from ..protocol import arrow, sse
+from ..protocol.request import parse_request
 
 logger = logging.getLogger("byzerllm_spark.worker")
 
@@ -55,7 +57,7 @@ class ModelWorker:
     def __init__(self, config) -> None:
         from ray import serve
 
-        from ._stats import get_stats_actor
+        from .stats import get_stats_actor
 
         self.config = config
         started = time.time()
@@ -103,12 +105,23 @@ class ModelWorker:
         except Exception:  # stats must never fail a request
             logger.debug("stats report failed", exc_info=True)
 
-    # ---- the work -------------------------------------------------------------------------
-    async def run_batch(self, params: list[Any]) -> list[ChatResult | None]:
-        """Answer a batch of requests (dicts or JSON text; None rows stay None), in order."""
+    @contextlib.contextmanager
+    def _busy(self, rows: int):
+        """Counts one request in flight for ``stat()`` while the block runs, and ``rows`` answered after."""
         self._in_flight += 1
         self._report()
         try:
+            yield
+        finally:
+            self._in_flight -= 1
+            self._total += rows
+            self._last_work = time.time()
+            self._report()
+
+    # ---- the work -------------------------------------------------------------------------
+    async def run_batch(self, params: list[Any]) -> list[ChatResult | None]:
+        """Answer a batch of requests (dicts or JSON text; None rows stay None), in order."""
+        with self._busy(len(params)):
             results: list[ChatResult | None] = [None] * len(params)
             todo_idx: list[int] = []
             todo: list = []
@@ -133,11 +146,6 @@ class ModelWorker:
                     results[i] = answer
                     self._count_usage(answer.metadata)
             return results
-        finally:
-            self._in_flight -= 1
-            self._total += len(params)
-            self._last_work = time.time()
-            self._report()
 
     def _count_usage(self, metadata: dict | None) -> None:
         if metadata and "completion_tokens" in metadata:  # once per row: answers without usage cost nothing
@@ -155,24 +163,18 @@ class ModelWorker:
         if request is None:
             yield {"error": "the request's instruction is null", "status": 400}
             return
-        self._in_flight += 1
-        self._report()
         metadata: dict[str, str] = {}
-        try:
-            async for piece in self.backend.stream_chat(request):
-                if isinstance(piece, ChatResult):  # a backend's closing item: usage and finish reason
-                    metadata.update(piece.metadata)
-                elif piece:
-                    yield {"text": str(piece)}
-            self._count_usage(metadata)
-            yield {"metadata": metadata}
-        except Exception as exc:  # the caller gets the error as an item; the replica goes on
-            yield _error_item(exc)
-        finally:
-            self._in_flight -= 1
-            self._total += 1
-            self._last_work = time.time()
-            self._report()
+        with self._busy(1):
+            try:
+                async for piece in self.backend.stream_chat(request):
+                    if isinstance(piece, ChatResult):  # a backend's closing item: usage and finish reason
+                        metadata.update(piece.metadata)
+                    elif piece:
+                        yield {"text": str(piece)}
+                self._count_usage(metadata)
+                yield {"metadata": metadata}
+            except Exception as exc:  # the caller gets the error as an item; the replica goes on
+                yield _error_item(exc)
 
     async def embed_rows(self, texts: list[str]) -> dict[str, Any]:
         """Handle method: ``{"embeddings": [...]}`` or ``{"error": message, "status": code}``."""
@@ -182,25 +184,16 @@ class ModelWorker:
                 "embedding model (infer_backend='embedding', or saas.embedding=true)",
                 "status": 400,
             }
-        self._in_flight += 1
-        self._report()
-        try:
-            return {"embeddings": await self.backend.embed_batch(list(texts))}
-        except Exception as exc:
-            return _error_item(exc)
-        finally:
-            self._in_flight -= 1
-            self._total += len(texts)
-            self._last_work = time.time()
-            self._report()
+        with self._busy(len(texts)):
+            try:
+                return {"embeddings": await self.backend.embed_batch(list(texts))}
+            except Exception as exc:
+                return _error_item(exc)
 
     async def chat_batch(self, params: list[Any]) -> list[dict | None]:
         """Handle method: the same as the Arrow route, with Python objects."""
         results = await self.run_batch(params)
         return [None if r is None else {"response": r.response, "error": r.error, "metadata": r.metadata} for r in results]
-
-    async def embed_batch(self, texts: list[str]) -> list[list[float]]:
-        return await self.backend.embed_batch(texts)
 
     def info(self) -> dict[str, Any]:
         out = self.backend.info()
@@ -217,35 +210,45 @@ class ModelWorker:
         return out
 
     # ---- HTTP -----------------------------------------------------------------------------
+    #: The routes under ``/{model}``: (method, path after the prefix) -> handler method name.
+    ROUTES = {
+        ("POST", "/arrow"): "_arrow_http",
+        ("POST", "/embed"): "_embed_http",
+        ("POST", "/stream"): "_stream_http",
+        ("GET", "/info"): "_info_http",
+    }
+
     async def __call__(self, request):
-        from starlette.responses import JSONResponse, PlainTextResponse, Response
+        from starlette.responses import PlainTextResponse
 
         if self._auth and not authorized(request.headers, self._auth):
             return unauthorized_response()
-        path = request.url.path.rstrip("/")
-        if request.method == "POST" and path.endswith("/arrow"):
-            body = await request.body()
-            try:
-                column = _arrow.decode_params(body)
-            except ValueError as exc:
-                return PlainTextResponse(str(exc), status_code=400)
-            results = await self.run_batch(column.to_pylist())
-            responses = [None if r is None else r.response for r in results]
-            errors = [None if r is None else r.error for r in results]
-            metadata = [None if r is None else r.metadata for r in results]
-            payload = _arrow.encode_results(responses, errors, metadata)
-            return Response(content=payload, media_type=_arrow.CONTENT_TYPE)
-        if request.method == "POST" and path.endswith("/embed"):
-            return await self._embed_http(request)
-        if request.method == "POST" and path.endswith("/stream"):
-            return await self._stream_http(request)
-        if request.method == "GET" and path.endswith("/info"):
-            return JSONResponse(self.info())
-        return PlainTextResponse(
-            f"unknown route {request.method} {request.url.path}; this model serves POST /{self.config.model}/arrow, "
-            f"POST /{self.config.model}/embed, POST /{self.config.model}/stream and GET /{self.config.model}/info",
-            status_code=404,
-        )
+        handler = self.ROUTES.get((request.method, _subpath(request)))
+        if handler is None:
+            routes = ", ".join(f"{method} /{self.config.model}{path}" for method, path in self.ROUTES)
+            return PlainTextResponse(
+                f"unknown route {request.method} {request.url.path}; this model serves {routes}", status_code=404
+            )
+        return await getattr(self, handler)(request)
+
+    async def _arrow_http(self, request):
+        from starlette.responses import PlainTextResponse, Response
+
+        body = await request.body()
+        try:
+            column = arrow.decode_params(body)
+        except ValueError as exc:
+            return PlainTextResponse(str(exc), status_code=400)
+        results = await self.run_batch(column.to_pylist())
+        responses = [None if r is None else r.response for r in results]
+        errors = [None if r is None else r.error for r in results]
+        metadata = [None if r is None else r.metadata for r in results]
+        return Response(content=arrow.encode_results(responses, errors, metadata), media_type=arrow.CONTENT_TYPE)
+
+    async def _info_http(self, request):
+        from starlette.responses import JSONResponse
+
+        return JSONResponse(self.info())
 
     async def _stream_http(self, request):
         from starlette.responses import PlainTextResponse, StreamingResponse
@@ -261,17 +264,17 @@ class ModelWorker:
             return PlainTextResponse(first["error"], status_code=first.get("status", 500))
 
         async def events():
-            yield _sse(first)
+            yield sse.event(first)
             async for item in items:
-                yield _sse(item)
+                yield sse.event(item)
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return StreamingResponse(events(), media_type=sse.MEDIA_TYPE)
 
     async def _embed_http(self, request):
         from starlette.responses import PlainTextResponse, Response
 
         try:
-            column = _arrow.decode_params(await request.body())
+            column = arrow.decode_params(await request.body())
         except ValueError as exc:
             return PlainTextResponse(str(exc), status_code=400)
         if not self.backend.supports_embedding:
@@ -292,21 +295,15 @@ class ModelWorker:
             texts.append(str(text))
             idx.append(i)
         vectors: list = [None] * len(rows)
-        self._in_flight += 1
-        self._report()
-        try:
-            if texts:
-                for i, vec in zip(idx, await self.backend.embed_batch(texts)):
-                    vectors[i] = vec
-        except Exception as exc:
-            for i in idx:
-                errors[i] = f"{type(exc).__name__}: {exc}"
-        finally:
-            self._in_flight -= 1
-            self._total += len(rows)
-            self._last_work = time.time()
-            self._report()
-        return Response(content=_arrow.encode_embeddings(vectors, errors), media_type=_arrow.CONTENT_TYPE)
+        with self._busy(len(rows)):
+            try:
+                if texts:
+                    for i, vec in zip(idx, await self.backend.embed_batch(texts)):
+                        vectors[i] = vec
+            except Exception as exc:
+                for i in idx:
+                    errors[i] = f"{type(exc).__name__}: {exc}"
+        return Response(content=arrow.encode_embeddings(vectors, errors), media_type=arrow.CONTENT_TYPE)
 
     def __del__(self) -> None:
         try:
@@ -323,8 +320,13 @@ def _error_item(exc: Exception) -> dict[str, Any]:
     return {"error": f"{type(exc).__name__}: {exc}", "status": 500}
 
 
-def _sse(item: dict) -> str:
-    return f"data: {json.dumps(item, ensure_ascii=False)}\n\n"
+def _subpath(request) -> str:
+    """The request's path below the application's route prefix, e.g. ``/arrow``."""
+    path = request.url.path.rstrip("/")
+    root = request.scope.get("root_path", "").rstrip("/")
+    if root and path.startswith(root):
+        return path[len(root):] or "/"
+    return "/" + path.rsplit("/", 1)[-1]
 
 
 def _tokens(value: Any) -> int:

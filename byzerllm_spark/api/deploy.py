@@ -1,25 +1,22 @@
-"""deploy / undeploy / exists / list_models / stat / workers over Ray Serve applications.
+"""deploy / undeploy / exists / list_models / stat / workers: models as Ray Serve applications.
 
-One Serve application per model name; its replicas are the model's workers.
+The driver's side: parse and check the request, fail fast when the cluster cannot hold it, start the
+application (:mod:`..serving.app`) and wait for its workers with progress, register the SQL function.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import pickle
 import time
 from typing import Any, Mapping
 
 from .. import cluster
 from ..config import DeployConfig, InferParams
-from ..errors import ConfigError, DeploymentError, ModelNotFoundError, ResourceError
+from ..errors import ConfigError, DeploymentError, ModelNotFoundError, ResourceError, not_deployed
+from ..serving import app as serve_app
 
 logger = logging.getLogger(__name__)
-
-DEPLOYMENT_NAME = "ByzerLLMWorker"
-#: Requests a SaaS worker holds per upstream slot (see ``_run``).
-SAAS_QUEUE_DEPTH = 4
 
 
 def deploy(
@@ -45,24 +42,24 @@ def deploy(
     """Deploy a model as a Ray Serve application named ``model``.
 
     Args:
-        model: the deployment's unique name (seed 002's ``--model``); also its URL prefix.
+        model: the deployment's unique name (Byzer-LLM's ``--model`` / ``udfName``); also its URL prefix.
         pretrained_model_type: ``custom/auto`` (built-in engines), ``custom/<plugin>``, a dotted
-            module path of a seed 001 plugin, or ``saas/<vendor>`` (an OpenAI-compatible API; the
+            module path of a Byzer-LLM model plugin, or ``saas/<vendor>`` (an OpenAI-compatible API; the
             ``saas.*`` keys of ``infer_params`` configure it, see ``backends/saas.py``).
         infer_backend: for ``custom/auto``: ``transformers`` (default when installed) or
             ``llama_cpp``.
         model_path: a Hugging Face model directory, a ``.gguf`` file or a directory holding one.
             None: the embedded SmolLM2-135M-Instruct.
         model_table: a Delta model table to materialise on each worker instead of model_path.
-        num_workers: replicas (seed 000's ``maxConcurrency``).
+        num_workers: replicas (Byzer-LLM's ``maxConcurrency``).
         cpus_per_worker, gpus_per_worker: Ray resources per replica; fractions allowed.
-            cpus_per_worker defaults to 1 (0.001 for SaaS types, as in seed 002).
+            cpus_per_worker defaults to 1 (0.001 for SaaS types, as in Byzer-LLM).
         worker_concurrency: requests one worker takes at once (``max_ongoing_requests``). For
             ``saas/*``: upstream calls one worker makes at once; it queues up to 4x that many.
-        infer_params: the seed's string map: ``saas.*``, ``backend.*``, ``generation.*``, plain keys.
+        infer_params: Byzer-LLM's string map: ``saas.*``, ``backend.*``, ``generation.*``, plain keys.
         load_balance: ``lru`` (default) or ``round_robin``.
         reconnect: reuse a live deployment of the same name instead of refusing.
-        wait_ready_timeout: seconds to wait for every worker to load (seed's
+        wait_ready_timeout: seconds to wait for every worker to load (Byzer-LLM's
             ``modelWaitServerReadyTimeout``).
         udf_name, spark: register the model's SQL function in that SparkSession.
 
@@ -116,7 +113,7 @@ def deploy(
         _openai_app()
         if spark is not None:
             _register_sql(spark, model, udf_name)
-        return _stored_config(model) or config
+        return serve_app.stored_config(model) or config
 
     if config.model_path is not None and info.embedded:
         # Only checkable here when the workers share this machine; on a cluster the worker reports it.
@@ -132,6 +129,7 @@ def deploy(
                 f"model_table={config.model_table!r} is not a model table; save one with bls.save_model_table(...)"
             )
     _check_resources(config)
+    _check_free(config)
     _run(config, wait_ready_timeout)
     _openai_app()
     if spark is not None:
@@ -141,7 +139,7 @@ def deploy(
 
 def _openai_app() -> None:
     """Every deployment is also reachable at ``{endpoint}/v1`` (OpenAI-compatible); start that app once."""
-    from ._openai import ensure_openai_app
+    from ..serving.openai import ensure_openai_app
 
     try:
         ensure_openai_app()
@@ -150,9 +148,8 @@ def _openai_app() -> None:
 
 
 def _register_sql(spark: Any, model: str, udf_name: str | None) -> None:
-    from ..spark import register_functions, register_model_function
+    from ..sql.functions import register_model_function
 
-    register_functions(spark)
     register_model_function(spark, model, udf_name=udf_name or model)
 
 
@@ -190,136 +187,92 @@ def _check_resources(config: DeployConfig) -> None:
             raise ResourceError(
                 f"num_workers={config.num_workers} x gpus_per_worker={need_gpu:g} needs "
                 f"{need_gpu * config.num_workers:g} GPUs but the cluster has {total_gpu:g}; use fewer workers "
-                "or a fractional gpus_per_worker (seed 000: 0.5 shares one GPU between two workers)"
+                "or a fractional gpus_per_worker (0.5 shares one GPU between two workers)"
             )
 
 
-#: (first, longest) wait in seconds before a request that found every worker full looks again.
-#: Serve polls for a free replica (it is not told when one frees up); its default of up to 0.5 s
-#: left workers idle between LLM batches (measured: SmolLM2 via SQL fell to 0.86 of in-process).
-ROUTER_BACKOFF_S = (0.005, 0.05)
+def _check_free(config: DeployConfig) -> None:
+    """Refuse at once when the cluster has the resources but others hold them now, naming the holders,
+    instead of waiting out ``wait_ready_timeout`` in silence."""
+    import ray
+
+    free = ray.available_resources()
+    for resource, per_worker, param in (("CPU", config.cpus_per_worker, "cpus_per_worker"),
+                                        ("GPU", config.gpus_per_worker, "gpus_per_worker")):
+        need = per_worker * config.num_workers
+        if not need or need <= free.get(resource, 0.0) + 1e-9:
+            continue
+        holders = []
+        for name in serve_app.deployed_models():
+            held = serve_app.stored_config(name)
+            if held is not None:
+                amount = (held.cpus_per_worker if resource == "CPU" else held.gpus_per_worker) * held.num_workers
+                if amount:
+                    holders.append(f"{name!r} ({held.num_workers} x {amount / held.num_workers:g} {resource})")
+        raise ResourceError(
+            f"num_workers={config.num_workers} x {param}={per_worker:g} needs {need:g} {resource} but only "
+            f"{free.get(resource, 0.0):g} are free now; held by deployed models: {', '.join(holders) or 'none'}"
+            f" (and other Ray tasks or finetune jobs). Undeploy one (bls.undeploy(name)), lower {param} "
+            "(fractions such as 0.5 are allowed), or use fewer workers"
+        )
 
 
 def _run(config: DeployConfig, wait_ready_timeout: float) -> None:
-    from ray import serve
-    from ray.serve.config import RequestRouterConfig
-
-    from ._router import ROUND_ROBIN_ROUTER, LRURequestRouter
-    from ._stats import StatsActor, stats_actor_name
-    from ._worker import ModelWorker
-
-    router = LRURequestRouter if config.load_balance == "lru" else ROUND_ROBIN_ROUTER
-    stats = StatsActor.options(
-        name=stats_actor_name(config.model), namespace=cluster.NAMESPACE, lifetime="detached", get_if_exists=True
-    ).remote(config.model, pickle.dumps(config), config.load_balance, config.worker_concurrency)
-    import ray
-
-    ray.get(stats.snapshot.remote())  # created and reachable before any replica reports
-    actor_options: dict[str, Any] = {"num_cpus": config.cpus_per_worker, "num_gpus": config.gpus_per_worker}
-    # A SaaS worker only waits on the network. It accepts a few requests more than it sends upstream
-    # at once (its backend keeps worker_concurrency upstream calls in flight), so the next batch is
-    # already there when one ends, instead of waiting out the router's retry backoff (25-500 ms).
-    max_ongoing = config.worker_concurrency * (SAAS_QUEUE_DEPTH if config.is_saas else 1)
-    app = (
-        serve.deployment(ModelWorker)
-        .options(
-            name=DEPLOYMENT_NAME,
-            num_replicas=config.num_workers,
-            max_ongoing_requests=max_ongoing,
-            ray_actor_options=actor_options,
-            request_router_config=RequestRouterConfig(
-                request_router_class=router, initial_backoff_s=ROUTER_BACKOFF_S[0], max_backoff_s=ROUTER_BACKOFF_S[1]
-            ),
-            health_check_period_s=5,
-            health_check_timeout_s=60,
-            graceful_shutdown_timeout_s=5,
-        )
-        .bind(config)
-    )
     started = time.monotonic()
-    # Per-request access logs cost more than the echo model's work; errors are still logged.
-    logging_config = {"enable_access_log": False, "log_level": os.environ.get("BYZERLLM_LOG_LEVEL", "WARNING")}
-    serve._run(
-        app, _blocking=False, name=config.model, route_prefix=f"/{config.model}", logging_config=logging_config
-    )
-    _wait_running(config, started, wait_ready_timeout)
-
-
-def _wait_running(config: DeployConfig, started: float, timeout: float) -> None:
-    from ray import serve
-
-    last_message = ""
-    while True:
-        status = serve.status().applications.get(config.model)
-        if status is not None:
-            state = str(status.status).split(".")[-1]
-            if state == "RUNNING":
-                logger.info("model %r ready in %.1fs", config.model, time.monotonic() - started)
-                return
-            if state in ("DEPLOY_FAILED", "UNHEALTHY"):
-                message = _failure_message(status)
-                _delete(config.model)
-                raise DeploymentError(f"model {config.model!r} failed to start: {message}")
-            last_message = _failure_message(status)
-        if time.monotonic() - started > timeout:
-            _delete(config.model)
-            raise DeploymentError(
-                f"model {config.model!r} was not ready after wait_ready_timeout={timeout:g}s "
-                f"({last_message or 'workers still loading or waiting for resources'}); it has been removed. "
-                "Raise wait_ready_timeout, or free resources held by other deployments."
-            )
-        time.sleep(0.25)
-
-
-def _failure_message(status) -> str:
-    parts = [status.message] if getattr(status, "message", "") else []
-    for dep in getattr(status, "deployments", {}).values():
-        if getattr(dep, "message", ""):
-            parts.append(dep.message)
-    text = " | ".join(parts)
-    # Keep the end of a replica traceback: the exception line says what went wrong.
-    lines = [line for line in text.splitlines() if line.strip()]
-    tail = [line for line in lines if "Error" in line or "error" in line][-3:]
-    return " ".join(tail or lines[-3:])[:2000]
-
-
-def _delete(model: str) -> None:
-    from ray import serve
-
+    start = serve_app.start(config)
+    progress = _progress(config)
     try:
-        serve.delete(model, _blocking=True)
-    except Exception:
-        logger.debug("serve.delete(%r) failed", model, exc_info=True)
-    from ._stats import get_stats_actor
+        while not start.done.wait(0.25):
+            state, replicas, message = serve_app.replica_states(config.model)
+            progress.update(replicas.get("RUNNING", 0))
+            if state in ("DEPLOY_FAILED", "UNHEALTHY"):
+                serve_app.delete(config.model)
+                raise DeploymentError(f"model {config.model!r} failed to start: {message}")
+            if time.monotonic() - started > wait_ready_timeout:
+                serve_app.delete(config.model)
+                raise DeploymentError(
+                    f"model {config.model!r} was not ready after wait_ready_timeout={wait_ready_timeout:g}s "
+                    f"({message or 'workers still loading or waiting for resources'}); it has been removed. "
+                    "Raise wait_ready_timeout, or free resources held by other deployments."
+                )
+        if start.failed is not None:
+            state, _, message = serve_app.replica_states(config.model)
+            serve_app.delete(config.model)
+            reason = message or str(start.failed).splitlines()[-1][:2000]
+            raise DeploymentError(f"model {config.model!r} failed to start: {reason}")
+        progress.update(config.num_workers)
+    finally:
+        progress.close()
+    logger.info("model %r ready in %.1fs", config.model, time.monotonic() - started)
 
-    actor = get_stats_actor(model)
-    if actor is not None:
-        import ray
 
-        ray.kill(actor, no_restart=True)
+class _progress:
+    """``workers ready k/n`` while a deployment starts (a tqdm bar; silent when stderr is not a terminal)."""
 
+    def __init__(self, config: DeployConfig) -> None:
+        from tqdm.auto import tqdm
 
-def _stored_config(model: str) -> DeployConfig | None:
-    import ray
+        self._bar = tqdm(total=config.num_workers, desc=f"deploy {config.model}: workers ready", unit="worker",
+                         leave=False, disable=None, delay=2.0)
 
-    from ._stats import get_stats_actor
+    def update(self, ready: int) -> None:
+        if ready > self._bar.n:
+            self._bar.update(ready - self._bar.n)
 
-    actor = get_stats_actor(model)
-    if actor is None:
-        return None
-    return pickle.loads(ray.get(actor.config.remote()))
+    def close(self) -> None:
+        self._bar.close()
 
 
 def undeploy(model: str) -> None:
-    """Remove a deployed model and its workers (seed 000: ``!byzerllm model remove chat;``).
+    """Remove a deployed model and its workers (Byzer-LLM: ``!byzerllm model remove chat;``).
 
     Raises:
         ModelNotFoundError: no such model (lists the deployed ones).
     """
     cluster.ensure_init()
     if not exists(model):
-        raise ModelNotFoundError(_not_deployed(model))
-    _delete(model)
+        raise not_deployed(model, list_models())
+    serve_app.delete(model)
 
 
 def exists(model: str) -> bool:
@@ -329,27 +282,19 @@ def exists(model: str) -> bool:
 
 def list_models() -> list[str]:
     """Names of the deployed models, sorted."""
-    from ray import serve
-
     cluster.ensure_init()
-    apps = serve.status().applications
-    return sorted(name for name, app in apps.items() if DEPLOYMENT_NAME in getattr(app, "deployments", {}))
-
-
-def _not_deployed(model: str) -> str:
-    deployed = list_models()
-    return f"model {model!r} is not deployed; deployed models: {deployed if deployed else 'none'} (bls.deploy(...) first)"
+    return serve_app.deployed_models()
 
 
 def _live_replicas(model: str) -> tuple[dict[str, Any], list[tuple[str, dict[str, Any]]]]:
     import ray
 
-    from ._stats import get_stats_actor, replica_alive
+    from ..serving.stats import get_stats_actor, replica_alive
 
     cluster.ensure_init()
     actor = get_stats_actor(model)
     if actor is None or not exists(model):
-        raise ModelNotFoundError(_not_deployed(model))
+        raise not_deployed(model, list_models())
     snap = ray.get(actor.snapshot.remote())
     live = []
     for replica, data in snap["replicas"].items():
@@ -362,7 +307,7 @@ def _live_replicas(model: str) -> tuple[dict[str, Any], list[tuple[str, dict[str
 
 
 def stat(model: str) -> dict[str, Any]:
-    """Live worker counters of a model: seed 002's fields first, in its order, then token usage.
+    """Live worker counters of a model: Byzer-LLM's ``stat`` fields first, in its order, then token usage.
 
     Returns:
         ``total_workers, busy_workers, idle_workers, load_balance_strategy, total_requests[],
@@ -414,7 +359,7 @@ def workers(model: str) -> list[dict[str, Any]]:
 def deploy_config(model: str) -> DeployConfig:
     """The configuration a deployed model was started with (``saas.api_key`` stays redacted in its repr)."""
     cluster.ensure_init()
-    config = _stored_config(model)
+    config = serve_app.stored_config(model)
     if config is None or not exists(model):
-        raise ModelNotFoundError(_not_deployed(model))
+        raise not_deployed(model, list_models())
     return config

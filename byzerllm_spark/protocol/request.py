@@ -1,6 +1,6 @@
 """The request every caller sends: ``bls.chat``, the Spark functions and the JVM bridge.
 
-A request is a flat JSON object with the keys of ``llm_param(map(...))`` (seed 001). Values may be
+A request is a flat JSON object with the keys of ``llm_param(map(...))`` (Byzer-LLM's SQL functions). Values may be
 strings (Spark maps are ``map<string,string>``) or typed JSON values; both parse the same way. The
 parsed form is a :class:`ChatRequest`; a row that does not parse gets a :class:`RequestError` that
 names the key, the bad value and the fix, without failing the rows beside it.
@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 import orjson
 
-from .errors import ConfigError, bad_value
+from ..errors import RequestParseError, bad_value
 
 DEFAULT_MAX_LENGTH = 1024
 DEFAULT_TOP_P = 0.95
@@ -35,13 +35,8 @@ REQUEST_KEYS = (
     "temperature",
     "messages",
     "request_id",
-    "embedding",
 )
 _REQUEST_KEY_SET = frozenset(REQUEST_KEYS)
-
-
-class RequestParseError(ConfigError):
-    """One request (row) is malformed. Other rows of the same batch are unaffected."""
 
 
 @dataclass(slots=True)
@@ -62,7 +57,6 @@ class ChatRequest:
     top_p: float = DEFAULT_TOP_P
     temperature: float = DEFAULT_TEMPERATURE
     top_k: int | None = None
-    embedding: bool = False
     generation: dict = field(default_factory=dict)
 
     def sampling(self) -> dict[str, Any]:
@@ -216,10 +210,6 @@ def parse_request(params: Any, defaults: Mapping[str, Any] | None = None) -> Cha
     return request
 
 
-def _set_embedding(request: ChatRequest, value: Any) -> None:
-    request.embedding = value if isinstance(value, bool) else str(value).lower() == "true"
-
-
 _SETTERS = {
     "user_role": lambda r, v: setattr(r, "user_role", str(v)),
     "assistant_role": lambda r, v: setattr(r, "assistant_role", str(v)),
@@ -227,7 +217,6 @@ _SETTERS = {
     "top_p": lambda r, v: setattr(r, "top_p", _number("top_p", v, float, 0.0, 1.0)),
     "temperature": lambda r, v: setattr(r, "temperature", _number("temperature", v, float, 0.0, 2.0)),
     "top_k": lambda r, v: setattr(r, "top_k", _number("top_k", v, int, 1, None)),
-    "embedding": _set_embedding,
 }
 """Per-key conversions of the optional request fields (``system_msg`` and ``max_tokens`` are
 handled in :func:`parse_request`: they combine with other keys)."""

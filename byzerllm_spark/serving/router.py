@@ -1,4 +1,4 @@
-"""Request routers for Serve: LRU (the seed 002 default) and round robin.
+"""Request routers for Serve: LRU (Byzer-LLM's default) and round robin.
 
 Each router instance lives in a Serve proxy or a deployment handle and sees every request routed
 through it. The LRU router ranks replicas by when it last gave them work, oldest first, so idle
@@ -11,9 +11,7 @@ from __future__ import annotations
 import time
 from typing import List, Optional
 
-from ray.serve._private.request_router.common import PendingRequest
-from ray.serve._private.request_router.replica_wrapper import RunningReplica
-from ray.serve._private.request_router.request_router import FIFOMixin, RequestRouter
+from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
 
 ROUND_ROBIN_ROUTER = "ray.serve.experimental.round_robin_router.RoundRobinRouter"
 

@@ -2,7 +2,7 @@
 
 Ray Serve's proxy takes no middleware, so every ingress of this library (the model workers and the
 OpenAI app) checks ``Authorization: Bearer <token>`` itself. The cluster keeps only the token's
-sha256 (in Ray's internal KV, in memory), never the token; a replica reads it when it starts.
+sha256 (in the cluster's key-value actor, :mod:`._kv`, in memory), never the token; a replica reads it when it starts.
 """
 
 from __future__ import annotations
@@ -11,7 +11,9 @@ import hashlib
 import hmac
 from typing import Mapping
 
-KV_KEY = b"byzerllm_spark/auth_sha256"
+from . import _kv
+from .settings import KV_AUTH_DIGEST
+
 
 
 def digest(token: str) -> str:
@@ -20,24 +22,16 @@ def digest(token: str) -> str:
 
 def stored_digest() -> str | None:
     """The digest this cluster's endpoint requires, or None when it is open (loopback only)."""
-    from ray.experimental import internal_kv
-
-    from ..cluster import NAMESPACE
-
-    value = internal_kv._internal_kv_get(KV_KEY, namespace=NAMESPACE)
+    value = _kv.get(KV_AUTH_DIGEST)
     return value.decode() if value else None
 
 
 def publish(token: str | None) -> None:
     """Record the token's digest for replicas started from now on (None: no token)."""
-    from ray.experimental import internal_kv
-
-    from ..cluster import NAMESPACE
-
     if token:
-        internal_kv._internal_kv_put(KV_KEY, digest(token).encode(), overwrite=True, namespace=NAMESPACE)
+        _kv.put(KV_AUTH_DIGEST, digest(token).encode())
     else:
-        internal_kv._internal_kv_del(KV_KEY, namespace=NAMESPACE)
+        _kv.delete(KV_AUTH_DIGEST)
 
 
 def authorized(headers: Mapping[str, str], required: str | None) -> bool:

@@ -3,7 +3,7 @@
 ``POST /v1/chat/completions`` (``stream=true`` as server-sent events), ``POST /v1/completions``,
 ``POST /v1/embeddings`` and ``GET /v1/models``. The request's ``model`` names the deployment; the
 app forwards to its replicas through deployment handles (``chat_batch``, ``stream_chat``,
-``embed_rows`` of :class:`~byzerllm_spark.serving._worker.ModelWorker`), so the model's router,
+``embed_rows`` of :class:`~byzerllm_spark.serving.replica.ModelWorker`), so the model's router,
 counters and ``stat()`` see these requests like any other. ``deploy()`` starts the app once per
 cluster (``ensure_openai_app``).
 
@@ -24,13 +24,14 @@ import time
 import uuid
 from typing import Any
 
-from ..request import RequestParseError, parse_request
-from ._auth import authorized, stored_digest, unauthorized_response
+from ..auth import authorized, stored_digest, unauthorized_response
+from ..errors import RequestParseError
+from ..protocol import sse
+from ..protocol.request import parse_request
+from ..settings import DEPLOYMENT_NAME, OPENAI_APP, OPENAI_ROUTE
 
 logger = logging.getLogger("byzerllm_spark.openai")
 
-OPENAI_APP = "byzerllm_openai"
-OPENAI_ROUTE = "/v1"
 INGRESS_NAME = "OpenAIIngress"
 #: OpenAI request fields passed to the model as ``generation.<name>``.
 PASSTHROUGH = ("seed", "stop", "presence_penalty", "frequency_penalty", "response_format", "logit_bias")
@@ -190,15 +191,9 @@ class OpenAIIngress:
 
     async def _deployed(self, refresh: bool = False) -> list[str]:
         if refresh or time.monotonic() - self._models_at > 2.0:
-            from .api import DEPLOYMENT_NAME
+            from .app import deployed_models
 
-            def read() -> list[str]:
-                from ray import serve
-
-                apps = serve.status().applications
-                return sorted(n for n, a in apps.items() if DEPLOYMENT_NAME in getattr(a, "deployments", {}))
-
-            self._models = await asyncio.to_thread(read)
+            self._models = await asyncio.to_thread(deployed_models)
             self._models_at = time.monotonic()
         return self._models
 
@@ -217,39 +212,39 @@ class OpenAIIngress:
         if handle is None:
             from ray import serve
 
-            from .api import DEPLOYMENT_NAME
-
             handle = serve.get_deployment_handle(DEPLOYMENT_NAME, app_name=model)
             self._handles[model] = handle
         return handle
+
+    #: (method, path after ``/v1``) -> handler method name.
+    ROUTES = {
+        ("POST", "/chat/completions"): "chat",
+        ("POST", "/completions"): "completions",
+        ("POST", "/embeddings"): "embeddings",
+        ("GET", "/models"): "models",
+    }
 
     async def __call__(self, request):
         from starlette.responses import JSONResponse
 
         if self._auth and not authorized(request.headers, self._auth):
             return unauthorized_response(openai_style=True)
-        path = request.url.path.rstrip("/")
+        route = self.ROUTES.get((request.method, _subpath(request.url.path)))
         try:
-            if request.method == "GET" and path.endswith("/models"):
-                return JSONResponse(await self.models())
-            if request.method != "POST":
-                raise OpenAIError(f"unknown route {request.method} {request.url.path}", status=404)
+            if route is None:
+                served = ", ".join(f"{method} {OPENAI_ROUTE}{path}" for method, path in self.ROUTES)
+                raise OpenAIError(f"unknown route {request.method} {request.url.path}; this API serves {served}",
+                                  status=404)
+            if request.method == "GET":
+                return JSONResponse(await getattr(self, route)())
             try:
                 body = json.loads(await request.body())
             except json.JSONDecodeError as exc:
                 raise OpenAIError(f"the body is not JSON ({exc})") from None
             if not isinstance(body, dict):
                 raise OpenAIError("the body must be a JSON object")
-            if path.endswith("/chat/completions"):
-                return await self.chat(body)
-            if path.endswith("/completions"):
-                return await self.completions(body)
-            if path.endswith("/embeddings"):
-                return JSONResponse(await self.embeddings(body))
-            raise OpenAIError(
-                f"unknown route POST {request.url.path}; this API serves /v1/chat/completions, /v1/completions, "
-                "/v1/embeddings and GET /v1/models", status=404,
-            )
+            answer = await getattr(self, route)(body)
+            return answer if not isinstance(answer, dict) else JSONResponse(answer)
         except OpenAIError as exc:
             return JSONResponse(exc.body(), status_code=exc.status)
         except RequestParseError as exc:
@@ -360,7 +355,7 @@ class OpenAIIngress:
                                     "choices": [] if usage is not None else choices}
             if usage is not None:
                 data["usage"] = usage
-            return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+            return sse.event(data)
 
         async def events():
             metadata: dict = {}
@@ -374,7 +369,7 @@ class OpenAIIngress:
                     metadata = item["metadata"] or {}
                 elif "error" in item:
                     error = OpenAIError(item["error"], status=item.get("status", 500)).body()
-                    yield f"data: {json.dumps(error, ensure_ascii=False)}\n\n"
+                    yield sse.event(error)
                     return
                 try:
                     item = await items.__anext__()
@@ -383,16 +378,16 @@ class OpenAIIngress:
             yield chunk(None, finish=_finish(metadata))
             if include_usage:
                 yield chunk(None, usage=_usage(metadata))
-            yield "data: [DONE]\n\n"
+            yield sse.event(sse.DONE)
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return StreamingResponse(events(), media_type=sse.MEDIA_TYPE)
 
 
 def ensure_openai_app() -> None:
     """Start the ``/v1`` app unless this cluster runs it already (about a second, once)."""
-    import os
-
     from ray import serve
+
+    from .app import logging_config
 
     if OPENAI_APP in serve.status().applications:
         return
@@ -402,8 +397,13 @@ def ensure_openai_app() -> None:
                  ray_actor_options={"num_cpus": 0}, graceful_shutdown_timeout_s=5)
         .bind()
     )
-    logging_config = {"enable_access_log": False, "log_level": os.environ.get("BYZERLLM_LOG_LEVEL", "WARNING")}
-    serve.run(app, name=OPENAI_APP, route_prefix=OPENAI_ROUTE, logging_config=logging_config)
+    serve.run(app, name=OPENAI_APP, route_prefix=OPENAI_ROUTE, logging_config=logging_config())
+
+
+def _subpath(path: str) -> str:
+    """``/v1/chat/completions`` -> ``/chat/completions``."""
+    path = path.rstrip("/")
+    return path[len(OPENAI_ROUTE):] if path.startswith(OPENAI_ROUTE + "/") else path
 
 
 __all__ = ["OPENAI_APP", "OPENAI_ROUTE", "OpenAIIngress", "ensure_openai_app"]

@@ -13,11 +13,9 @@
 from __future__ import annotations
 
 import json
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Mapping
 
-from .errors import ConfigError, ModelNotFoundError, RequestError, bad_value
+from ..errors import ConfigError, bad_value, check_int
 
 RESULT_TYPE_DDL = "struct<response:string,error:string,metadata:map<string,string>>"
 EMBEDDING_TYPE_DDL = "array<float>"
@@ -107,22 +105,6 @@ def llm_prompt(template, args):
     return _llm_prompt_udf()(template_col, array.cast("array<string>"))
 
 
-def _model_info(endpoint: str, model: str) -> dict[str, Any]:
-    from .client import _session, deployed_routes
-
-    try:
-        resp = _session().get(f"{endpoint}/{model}/info", timeout=30)
-    except Exception as exc:
-        raise RequestError(f"cannot reach {endpoint} for model {model!r}: {exc}") from exc
-    if resp.status_code == 404 or resp.status_code >= 500 and model not in deployed_routes(endpoint):
-        deployed = deployed_routes(endpoint)
-        raise ModelNotFoundError(
-            f"model {model!r} is not deployed at {endpoint}; deployed models: {deployed if deployed else 'none'}"
-        )
-    resp.raise_for_status()
-    return resp.json()
-
-
 def model_function(
     model: str,
     *,
@@ -159,35 +141,36 @@ def model_function(
     """
     from pyspark.sql.functions import arrow_udf
 
-    if endpoint is None:
-        from .cluster import endpoint as _endpoint
+    from .. import transport
+    from .udf import run_embeddings, run_requests
 
-        endpoint = _endpoint()
-    info = _model_info(endpoint, model)
+    if endpoint is None:
+        from ..cluster import endpoint as cluster_endpoint
+
+        endpoint = cluster_endpoint()
+    info = transport.get_json(endpoint, model, "info")
     if batch_size is None:
         batch_size = int(info.get("preferred_batch_size", DEFAULT_BATCH_SIZE))
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(bad_value("batch_size", batch_size, "use an integer >= 1, e.g. 256"))
+    check_int("batch_size", batch_size, 1, 256)
     if concurrency is None:
         # Enough requests in flight that all Spark tasks together fill every worker slot, and no
         # more: extra threads in a Python worker fight over the GIL for Arrow encoding (measured:
         # echo rows/s fell from ~100k to ~30k going from 2 to 8 in flight per task).
         slots = int(info.get("num_workers", 1)) * int(info.get("worker_concurrency", 1))
         concurrency = max(2, -(-slots // _spark_parallelism()))
-    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
-        raise ConfigError(bad_value("concurrency", concurrency, "use an integer >= 1, e.g. 4"))
+    check_int("concurrency", concurrency, 1, 4)
     options = dict(
         model=model, endpoint=endpoint, batch_size=batch_size, concurrency=concurrency,
         timeout=timeout, max_retries=max_retries, fail_on_error=fail_on_error,
     )
     if info.get("embedding"):
         def embed_fn(batches):
-            return _run_embeddings(batches, **options)
+            return run_embeddings(batches, **options)
 
         return arrow_udf(_arrow_iterator_hints(embed_fn), EMBEDDING_TYPE_DDL)
 
     def chat_fn(batches):
-        return _run_requests(batches, **options)
+        return run_requests(batches, **options)
 
     return arrow_udf(_arrow_iterator_hints(chat_fn), "string" if fail_on_error else RESULT_TYPE_DDL)
 
@@ -227,111 +210,3 @@ def register_model_function(spark, model: str, *, udf_name: str | None = None, *
     return name
 
 
-# ---- executor side ---------------------------------------------------------------------------
-def _windowed(batches, submit, concurrency: int, batch_size: int):
-    """Submit every chunk of every input batch, keep ``concurrency`` in flight, yield in order."""
-    pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="byzerllm")
-    pending: deque = deque()
-    try:
-        for array in batches:
-            for offset in range(0, len(array), batch_size):
-                pending.append(pool.submit(submit, array.slice(offset, batch_size)))
-                while len(pending) >= concurrency:
-                    yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-    finally:
-        for future in pending:
-            future.cancel()
-        pool.shutdown(wait=False, cancel_futures=True)
-
-
-def _as_request_json(array):
-    """Rows that are plain text (not a JSON object) become ``{"instruction": text}``."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    if pa.types.is_large_string(array.type):
-        array = array.cast(pa.string())
-    if not pa.types.is_string(array.type):
-        raise ConfigError(
-            f"the model function takes the request as a string (llm_param(map(...))), got {array.type}; "
-            "wrap the arguments in llm_param(map('instruction', ...))"
-        )
-    is_json = pc.fill_null(pc.starts_with(pc.utf8_ltrim_whitespace(array), "{"), True)
-    if pc.all(is_json).as_py():
-        return array
-    values = array.to_pylist()
-    flags = is_json.to_pylist()
-    return pa.array(
-        [v if (v is None or ok) else json.dumps({"instruction": v}, ensure_ascii=False) for v, ok in zip(values, flags)],
-        pa.string(),
-    )
-
-
-def _run_requests(batches, *, model, endpoint, batch_size, concurrency, timeout, max_retries, fail_on_error):
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    from . import _arrow
-    from .client import post_arrow
-
-    def submit(chunk):
-        chunk = _as_request_json(chunk)
-        body = _arrow.encode_params(chunk)
-        try:
-            table = _arrow.decode_results(
-                post_arrow(endpoint, model, body, timeout=timeout, max_retries=max_retries)
-            )
-        except ModelNotFoundError:
-            raise
-        except RequestError as exc:
-            if fail_on_error:
-                raise
-            # The request itself failed after retries: every non-null row gets the error.
-            n = len(chunk)
-            valid = chunk.is_valid().to_pylist()
-            table = pa.table(
-                {
-                    "response": pa.nulls(n, pa.string()),
-                    "error": pa.array([str(exc) if ok else None for ok in valid], pa.string()),
-                    "metadata": pa.nulls(n, _arrow.METADATA_TYPE),
-                }
-            )
-        if fail_on_error:
-            errors = table.column("error")
-            if errors.null_count != len(errors):
-                first = next(i for i, e in enumerate(errors.to_pylist()) if e)
-                raise RequestError(
-                    f"model {model!r} could not answer a row ({errors[first].as_py()}); request: "
-                    f"{chunk[first].as_py()[:300]}. Register the function with fail_on_error=False to get "
-                    "per-row errors instead of failing the query."
-                )
-            return table.column("response").combine_chunks()
-        fields = [table.column(name).combine_chunks() for name in ("response", "error", "metadata")]
-        # A null row (null input, or a null instruction) comes back with all three fields null.
-        mask = pc.and_(pc.and_(fields[0].is_null(), fields[1].is_null()), fields[2].is_null())
-        return pa.StructArray.from_arrays(fields, names=["response", "error", "metadata"], mask=mask)
-
-    yield from _windowed(batches, submit, concurrency, batch_size)
-
-
-def _run_embeddings(batches, *, model, endpoint, batch_size, concurrency, timeout, max_retries, fail_on_error):
-    import pyarrow as pa
-
-    from . import _arrow
-    from .client import post_arrow
-
-    def submit(chunk):
-        if pa.types.is_large_string(chunk.type):
-            chunk = chunk.cast(pa.string())
-        body = _arrow.encode_params(chunk)
-        table = _arrow.decode_results(
-            post_arrow(endpoint, model, body, route="embed", timeout=timeout, max_retries=max_retries)
-        )
-        errors = [e for e in table.column("error").to_pylist() if e]
-        if errors and fail_on_error:
-            raise RequestError(f"model {model!r} could not embed a row: {errors[0]}")
-        return table.column("embedding").combine_chunks()
-
-    yield from _windowed(batches, submit, concurrency, batch_size)

@@ -1,0 +1,1 @@
+"""Byzer-LLM scripts: ``!byzerllm setup`` / ``run command as LLM`` statements run as written."""

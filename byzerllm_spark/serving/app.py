@@ -1,0 +1,159 @@
+"""A deployed model as a Ray Serve application: built, started, inspected and removed, with Serve's
+public API only.
+
+One application per model, named after it, route prefix ``/{model}``; its deployment
+``ByzerLLMWorker`` has ``num_workers`` replicas of :class:`.replica.ModelWorker`, each with
+``max_ongoing_requests = worker_concurrency`` and the LRU (or round-robin) request router. A small
+detached stats actor per model keeps the replicas' counters for ``stat()``.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from ..settings import DEPLOYMENT_NAME, NAMESPACE, log_level
+
+logger = logging.getLogger(__name__)
+
+#: Requests a SaaS worker holds per upstream slot: it only waits on the network, so the next batch is
+#: already there when one ends instead of waiting out the router's backoff.
+SAAS_QUEUE_DEPTH = 4
+#: (first, longest) wait in seconds before a request that found every worker full looks again.
+#: Serve polls for a free replica (it is not told when one frees up); its default of up to 0.5 s
+#: left workers idle between LLM batches (measured: SmolLM2 via SQL fell to 0.86 of in-process).
+ROUTER_BACKOFF_S = (0.005, 0.05)
+
+
+def build(config) -> Any:
+    """The Serve application of ``config`` (a :class:`~byzerllm_spark.config.DeployConfig`), not started."""
+    from ray import serve
+    from ray.serve.config import RequestRouterConfig
+
+    from .replica import ModelWorker
+    from .router import ROUND_ROBIN_ROUTER, LRURequestRouter
+
+    router = LRURequestRouter if config.load_balance == "lru" else ROUND_ROBIN_ROUTER
+    return (
+        serve.deployment(ModelWorker)
+        .options(
+            name=DEPLOYMENT_NAME,
+            num_replicas=config.num_workers,
+            max_ongoing_requests=config.worker_concurrency * (SAAS_QUEUE_DEPTH if config.is_saas else 1),
+            ray_actor_options={"num_cpus": config.cpus_per_worker, "num_gpus": config.gpus_per_worker},
+            request_router_config=RequestRouterConfig(
+                request_router_class=router, initial_backoff_s=ROUTER_BACKOFF_S[0], max_backoff_s=ROUTER_BACKOFF_S[1]
+            ),
+            health_check_period_s=5,
+            health_check_timeout_s=60,
+            graceful_shutdown_timeout_s=5,
+        )
+        .bind(config)
+    )
+
+
+def logging_config() -> dict[str, Any]:
+    """Serve's logging for our applications: no per-request access log (it costs more than the echo
+    model's work), and the library's log level (``$BYZERLLM_LOG_LEVEL``, default WARNING)."""
+    return {"enable_access_log": False, "log_level": log_level()}
+
+
+@dataclass
+class Start:
+    """A start in progress: ``serve.run`` waits for the application in a thread, so the caller can
+    show progress and give up after its own timeout (deleting the application ends the wait)."""
+
+    done: threading.Event
+    error: list
+
+    @property
+    def failed(self) -> BaseException | None:
+        return self.error[0] if self.error else None
+
+
+def start(config) -> Start:
+    """Create the stats actor and start the application; returns at once (see :class:`Start`)."""
+    import ray
+    from ray import serve
+
+    from .stats import StatsActor, stats_actor_name
+
+    stats = StatsActor.options(
+        name=stats_actor_name(config.model), namespace=NAMESPACE, lifetime="detached", get_if_exists=True
+    ).remote(config.model, pickle.dumps(config), config.load_balance, config.worker_concurrency)
+    ray.get(stats.snapshot.remote())  # created and reachable before any replica reports
+    app = build(config)
+    state = Start(threading.Event(), [])
+
+    def run() -> None:
+        try:
+            serve.run(app, name=config.model, route_prefix=f"/{config.model}", logging_config=logging_config())
+        except BaseException as exc:  # reported by the caller's wait
+            state.error.append(exc)
+        finally:
+            state.done.set()
+
+    threading.Thread(target=run, name=f"byzerllm-start-{config.model}", daemon=True).start()
+    return state
+
+
+def replica_states(model: str) -> tuple[str | None, dict[str, int], str]:
+    """``(application status, {replica state: count}, message)`` of a model's application."""
+    from ray import serve
+
+    status = serve.status().applications.get(model)
+    if status is None:
+        return None, {}, ""
+    deployment = getattr(status, "deployments", {}).get(DEPLOYMENT_NAME)
+    states = {str(k).split(".")[-1]: v for k, v in (getattr(deployment, "replica_states", None) or {}).items()}
+    return str(status.status).split(".")[-1], states, failure_message(status)
+
+
+def failure_message(status) -> str:
+    """The useful end of an application's status messages (a replica traceback's exception lines)."""
+    parts = [status.message] if getattr(status, "message", "") else []
+    for dep in getattr(status, "deployments", {}).values():
+        if getattr(dep, "message", ""):
+            parts.append(dep.message)
+    lines = [line for line in " | ".join(parts).splitlines() if line.strip()]
+    tail = [line for line in lines if "Error" in line or "error" in line][-3:]
+    return " ".join(tail or lines[-3:])[:2000]
+
+
+def deployed_models() -> list[str]:
+    """Names of the applications that are models of this library, sorted."""
+    from ray import serve
+
+    apps = serve.status().applications
+    return sorted(name for name, app in apps.items() if DEPLOYMENT_NAME in getattr(app, "deployments", {}))
+
+
+def delete(model: str) -> None:
+    """Remove the model's application and its stats actor (best effort)."""
+    import ray
+    from ray import serve
+
+    from .stats import get_stats_actor
+
+    try:
+        serve.delete(model)
+    except Exception:
+        logger.debug("serve.delete(%r) failed", model, exc_info=True)
+    actor = get_stats_actor(model)
+    if actor is not None:
+        ray.kill(actor, no_restart=True)
+
+
+def stored_config(model: str):
+    """The DeployConfig a model was started with, or None when it was not deployed by this library."""
+    import ray
+
+    from .stats import get_stats_actor
+
+    actor = get_stats_actor(model)
+    if actor is None:
+        return None
+    return pickle.loads(ray.get(actor.config.remote()))
