@@ -202,8 +202,8 @@ AUTH_SCRIPT = textwrap.dedent('''
     port = ep.rsplit(":", 1)[1]
     out["other_addr"] = requests.get(f"http://{ip}:{port}/guarded/info", timeout=60).status_code
     out["env_set_for_executors"] = os.environ.get("BYZERLLM_AUTH_TOKEN") == token
-    import byzerllm_spark.cluster as cl
-    cl._state["auth_token"] = None
+    from byzerllm_spark import transport
+    transport.set_auth_token(None)
     os.environ.pop("BYZERLLM_AUTH_TOKEN")
     try:
         bls.chat("guarded", "no token")

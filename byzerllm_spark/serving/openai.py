@@ -25,7 +25,7 @@ import uuid
 from typing import Any
 
 from ..auth import authorized, stored_digest, unauthorized_response
-from ..errors import RequestParseError
+from ..errors import RequestParseError, not_deployed
 from ..protocol import sse
 from ..protocol.request import parse_request
 from ..settings import DEPLOYMENT_NAME, OPENAI_APP, OPENAI_ROUTE
@@ -205,7 +205,7 @@ class OpenAIIngress:
             deployed = self._models
             self._handles.pop(model, None)
             raise OpenAIError(
-                f"model {model!r} is not deployed; deployed models: {deployed if deployed else 'none'}",
+                str(not_deployed(model, deployed)),
                 status=404, param="model", code="model_not_found",
             )
         handle = self._handles.get(model)

@@ -25,18 +25,76 @@ _LLM_PARAM_SQL = (
     "CREATE OR REPLACE TEMPORARY FUNCTION llm_param(params MAP<STRING, STRING>) RETURNS STRING "
     "RETURN to_json(params)"
 )
+_python_checked: set[int] = set()
+
+
+def check_python(spark=None) -> None:
+    """Make Spark's Python workers able to run the model functions, or say which setting to change.
+
+    Spark starts its Python workers with ``python3`` from ``PATH`` unless ``PYSPARK_PYTHON`` or
+    ``spark.pyspark.python`` says otherwise; a driver run as ``.venv/bin/python`` then gets
+    ``No module named 'pyarrow'`` inside every UDF. A local session with neither set uses the driver's
+    interpreter; on a cluster one tiny job checks, once per SparkContext, that the executors' Python
+    imports ``byzerllm_spark`` and ``pyarrow``.
+
+    Raises:
+        ConfigError: the executors' Python lacks the packages; names the setting to change.
+    """
+    import os
+    import sys
+
+    from pyspark import SparkContext
+
+    context = SparkContext._active_spark_context
+    if context is None or id(context) in _python_checked:  # Spark Connect: the server's Python decides
+        return
+    conf = context.getConf()
+    configured = os.environ.get("PYSPARK_PYTHON") or conf.get("spark.pyspark.python", None)
+    if context.master.startswith("local"):
+        if not configured and context.pythonExec != sys.executable:
+            context.pythonExec = sys.executable  # read when each UDF is wrapped, so this takes effect now
+        _python_checked.add(id(context))
+        return
+
+    def probe(_):
+        import importlib.util
+        import sys as executor_sys
+
+        missing = [m for m in ("pyarrow", "byzerllm_spark") if importlib.util.find_spec(m) is None]
+        return executor_sys.executable, missing
+
+    try:
+        executable, missing = context.parallelize([0], 1).map(probe).first()
+    except Exception as exc:
+        executable, missing = configured or "python3", [f"a working pyspark worker ({str(exc).splitlines()[0][:200]})"]
+    if missing:
+        raise ConfigError(
+            f"Spark's executors run Python {executable!r}, which lacks {', '.join(missing)}: the model functions "
+            "cannot run there. Set spark.pyspark.python (or PYSPARK_PYTHON / spark.executorEnv.PYSPARK_PYTHON) "
+            "to an interpreter with byzerllm-spark installed on every executor"
+        )
+    _python_checked.add(id(context))
+
+
 def register_functions(spark) -> None:
     """Register ``llm_param``, ``llm_prompt`` and ``llm_result`` as SQL functions of ``spark``.
+
+    Names the session already has are left as they are: registering again would only make Spark warn
+    that each "replaced a previously registered function" (three lines per model function registered).
 
     Example:
         >>> bls.register_functions(spark)  # doctest: +SKIP
         >>> spark.sql("SELECT llm_param(map('instruction', 'hi', 'temperature', '0'))")  # doctest: +SKIP
     """
-    spark.sql(_LLM_PARAM_SQL)
+    check_python(spark)
+    if not spark.catalog.functionExists("llm_param"):
+        spark.sql(_LLM_PARAM_SQL)
     # llm_prompt needs a loop over the array; SQL functions with lambdas cannot be nested in
     # another SQL function (Spark 4: LAMBDA_FUNCTION_WITH_SQL_UDF), so it is an Arrow Python UDF.
-    spark.udf.register("llm_prompt", _llm_prompt_udf())
-    spark.udf.register("llm_result", _llm_result_udf())
+    if not spark.catalog.functionExists("llm_prompt"):
+        spark.udf.register("llm_prompt", _llm_prompt_udf())
+    if not spark.catalog.functionExists("llm_result"):
+        spark.udf.register("llm_result", _llm_result_udf())
 
 
 def fill_prompt(template: str | None, args: list | None) -> str | None:
@@ -51,11 +109,14 @@ def fill_prompt(template: str | None, args: list | None) -> str | None:
 def _llm_prompt_udf():
     from pyspark.sql.functions import udf
 
+    check_python()
     return udf(fill_prompt, "string", useArrow=True)
 
 
 def _llm_result_udf():
     from pyspark.sql.functions import udf
+
+    check_python()
 
     def llm_result(value: Any) -> str | None:
         if value is None or isinstance(value, str):
@@ -66,7 +127,8 @@ def _llm_result_udf():
             return value.get("response")
         raise TypeError(f"llm_result takes the text or struct a model function returns, not {type(value).__name__}")
 
-    return udf(llm_result, "string")
+    # useArrow given: left to infer it, Spark warns "Cannot infer the eval type from type hints".
+    return udf(llm_result, "string", useArrow=False)
 
 
 def llm_result(col):
@@ -144,6 +206,7 @@ def model_function(
     from .. import transport
     from .udf import run_embeddings, run_requests
 
+    check_python()
     if endpoint is None:
         from ..cluster import endpoint as cluster_endpoint
 
