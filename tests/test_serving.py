@@ -191,3 +191,30 @@ def test_unknown_model_lists_deployed_ones(deployed):
         bls.undeploy("no_such_model")
     with pytest.raises(RequestError, match="temperature='hot'"):
         bls.chat("echo_known", "x", temperature="hot")
+
+
+def test_deploy_fails_fast_when_others_hold_the_cpus(deployed):
+    """No free CPUs now: refused at once, naming the deployment that holds them (not after the timeout)."""
+    import ray
+
+    free = ray.available_resources().get("CPU", 0.0)
+    assert free >= 0.2, f"the test cluster has {free} CPUs free"
+    deployed("echo_hog", pretrained_model_type=ECHO, cpus_per_worker=round(free - 0.05, 3))
+    started = time.monotonic()
+    with pytest.raises(ResourceError) as err:
+        bls.deploy("echo_late", pretrained_model_type=ECHO, cpus_per_worker=0.5, wait_ready_timeout=300)
+    assert time.monotonic() - started < 15
+    assert "'echo_hog'" in str(err.value) and "cpus_per_worker=0.5" in str(err.value)
+    assert not bls.exists("echo_late")
+
+
+def test_chat_batch_never_drops_a_failed_row_silently(deployed):
+    deployed("echo_rows", pretrained_model_type=ECHO, cpus_per_worker=0.1)
+    rows = ["fine", {"instruction": "bad", "temperature": "hot"}]
+    with pytest.raises(RequestError) as err:
+        bls.chat_batch("echo_rows", rows)
+    assert "temperature" in str(err.value)
+    answers = bls.chat_batch("echo_rows", rows, with_metadata=True)
+    assert answers[0]["response"] == "fine" and answers[1]["response"] is None
+    assert "temperature='hot'" in answers[1]["error"]
+    assert bls.chat_batch("echo_rows", rows, raise_on_error=False) == ["fine", None]
