@@ -2,32 +2,19 @@
 
 from __future__ import annotations
 
-#: ``!byzerllm setup <preset>`` defaults (Byzer-LLM's docs: "single" sets the usual single-model values).
+_SINGLE = {
+    "dataMode": "model",
+    "runIn": "driver",
+    "num_gpus": "0",
+    "maxConcurrency": "1",
+    "standalone": "true",
+    "schema": "file",
+}
+
+#: ``!byzerllm setup <preset>`` values (Byzer-LLM's docs: "single" sets the usual single-model values;
+#: the finetune presets run detached, and ``sfft`` spans several workers, so it is not standalone).
 PRESETS: dict[str, dict[str, str]] = {
-    "single": {
-        "dataMode": "model",
-        "runIn": "driver",
-        "num_gpus": "0",
-        "maxConcurrency": "1",
-        "standalone": "true",
-        "schema": "file",
-    },
-    "sft": {
-        "dataMode": "model",
-        "runIn": "driver",
-        "num_gpus": "0",
-        "maxConcurrency": "1",
-        "standalone": "true",
-        "schema": "file",
-        "detached": "true",
-    },
-    "sfft": {
-        "dataMode": "model",
-        "runIn": "driver",
-        "num_gpus": "0",
-        "maxConcurrency": "1",
-        "standalone": "false",
-        "schema": "file",
-        "detached": "true",
-    },
+    "single": dict(_SINGLE),
+    "sft": {**_SINGLE, "detached": "true"},
+    "sfft": {**_SINGLE, "standalone": "false", "detached": "true"},
 }
