@@ -50,7 +50,12 @@ def decode_params(body: bytes) -> pa.Array:
     column = table.column("params")
     if not pa.types.is_string(column.type) and not pa.types.is_large_string(column.type):
         raise ValueError(f"column 'params' has type {column.type}; send the request JSON as strings")
-    return column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    try:
+        column.validate(full=True)  # invalid UTF-8 is the sender's mistake, found before any row is read
+    except pa.ArrowInvalid as exc:
+        raise ValueError(f"column 'params' is not valid: {exc}; send UTF-8 text") from None
+    return column
 
 
 def encode_results(responses: Sequence, errors: Sequence, metadata: Iterable) -> bytes:

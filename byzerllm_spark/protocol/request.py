@@ -84,12 +84,32 @@ def _number(key: str, value: Any, cast: type, lo: float, hi: float | None) -> An
         number = float(value)
         if not math.isfinite(number) or (cast is int and not number.is_integer()):
             raise ValueError
-    except (TypeError, ValueError):
-        raise RequestParseError(bad_value(key, value, f"pass {kind}, e.g. {key}='{max(lo, 1):g}'")) from None
+    except (TypeError, ValueError, OverflowError):
+        raise RequestParseError(bad_value(key, _short(value), f"pass {kind}, e.g. {key}='{max(lo, 1):g}'")) from None
     if number < lo or (hi is not None and number > hi):
         upper = f" and <= {hi:g}" if hi is not None else ""
         raise RequestParseError(bad_value(key, value, f"use {kind} >= {lo:g}{upper}"))
     return int(number) if cast is int else number
+
+
+def _short(value: Any) -> Any:
+    """A value fit for an error message: nested or long values are cut (their repr could be huge or deep)."""
+    if isinstance(value, (str, bytes)):
+        return value[:80]
+    if isinstance(value, (list, tuple, dict)):
+        return f"<{type(value).__name__} of {len(value)}>"
+    return value
+
+
+def _text(key: str, value: Any) -> str:
+    """A text field: strings as they are, numbers and booleans as text, null as ''; nothing nested."""
+    if type(value) is str:
+        return value
+    if value is None:
+        return ""
+    if isinstance(value, (int, float, bool)):
+        return str(value)
+    raise RequestParseError(bad_value(key, _short(value), "pass text (a string)"))
 
 
 def _turns(key: str, value: Any) -> list[dict[str, str]]:
@@ -106,15 +126,16 @@ def _turns(key: str, value: Any) -> list[dict[str, str]]:
         raise RequestParseError(bad_value(key, value, 'pass a list of {"role": ..., "content": ...} turns'))
     turns = []
     for i, turn in enumerate(value):
+        where = f"{key}[{i}]"
         if isinstance(turn, Mapping) and "role" in turn and "content" in turn:
-            turns.append({"role": str(turn["role"]), "content": "" if turn["content"] is None else str(turn["content"])})
+            turns.append({"role": _text(f"{where}.role", turn["role"]), "content": _text(f"{where}.content", turn["content"])})
         elif isinstance(turn, (list, tuple)) and len(turn) == 2:
             # Byzer/Alpaca style history: [[question, answer], ...]
-            turns.append({"role": "user", "content": str(turn[0])})
-            turns.append({"role": "assistant", "content": str(turn[1])})
+            turns.append({"role": "user", "content": _text(f"{where}[0]", turn[0])})
+            turns.append({"role": "assistant", "content": _text(f"{where}[1]", turn[1])})
         else:
             raise RequestParseError(
-                bad_value(f"{key}[{i}]", turn, 'each turn is {"role": ..., "content": ...} or a [question, answer] pair')
+                bad_value(where, _short(turn), 'each turn is {"role": ..., "content": ...} or a [question, answer] pair')
             )
     return turns
 
@@ -139,11 +160,11 @@ def parse_request(params: Any, defaults: Mapping[str, Any] | None = None) -> Cha
     if isinstance(params, (str, bytes)):
         try:
             params = orjson.loads(params)
-        except orjson.JSONDecodeError as exc:
+        except (orjson.JSONDecodeError, UnicodeDecodeError) as exc:
             raise RequestParseError(f"the request is not valid JSON ({exc}); build it with llm_param(map(...))") from None
     if type(params) is not dict and not isinstance(params, Mapping):  # the exact check first: it is cheap
         raise RequestParseError(
-            bad_value("request", params, "pass a map such as llm_param(map('instruction', q)) or a dict")
+            bad_value("request", _short(params), "pass a map such as llm_param(map('instruction', q)) or a dict")
         )
     generation: dict[str, Any] = {}
     # This runs once per row on the serving path: the common case (only known keys, no
@@ -196,9 +217,10 @@ def parse_request(params: Any, defaults: Mapping[str, Any] | None = None) -> Cha
         raise RequestParseError(
             "the request has no 'instruction': add it, e.g. llm_param(map('instruction', q))"
         )
-    request = ChatRequest(instruction if type(instruction) is str else str(instruction), history, generation=generation)
+    request = ChatRequest(instruction if type(instruction) is str else _text("instruction", instruction), history,
+                          generation=generation)
     if system_msg is not None:
-        request.system_msg = str(system_msg)
+        request.system_msg = _text("system_msg", system_msg)
     # This runs once per row: only the keys present cost anything (most rows carry one to four).
     for key, value in values.items():
         if value is not None:
@@ -211,8 +233,8 @@ def parse_request(params: Any, defaults: Mapping[str, Any] | None = None) -> Cha
 
 
 _SETTERS = {
-    "user_role": lambda r, v: setattr(r, "user_role", str(v)),
-    "assistant_role": lambda r, v: setattr(r, "assistant_role", str(v)),
+    "user_role": lambda r, v: setattr(r, "user_role", _text("user_role", v)),
+    "assistant_role": lambda r, v: setattr(r, "assistant_role", _text("assistant_role", v)),
     "max_length": lambda r, v: setattr(r, "max_length", _number("max_length", v, int, 1, None)),
     "top_p": lambda r, v: setattr(r, "top_p", _number("top_p", v, float, 0.0, 1.0)),
     "temperature": lambda r, v: setattr(r, "temperature", _number("temperature", v, float, 0.0, 2.0)),

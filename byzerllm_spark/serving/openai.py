@@ -165,6 +165,21 @@ def _finish(metadata: dict | None) -> str:
     return reason if reason in ("stop", "length", "content_filter") else "stop"
 
 
+def _checked(mapping, body: dict[str, Any]):
+    """``mapping(body)`` with every request it makes parsed, so malformed values answer 400 before any
+    worker is asked; any failure on the client's input (a wrong type, a number too big to convert,
+    nesting too deep) is the client's 400, never a 500."""
+    try:
+        out = mapping(body)
+        for params in out if isinstance(out, list) else [out]:
+            parse_request(params)
+    except (OpenAIError, RequestParseError):
+        raise
+    except (TypeError, ValueError, OverflowError, RecursionError, AttributeError) as exc:
+        raise OpenAIError(f"the request body is malformed ({type(exc).__name__}: {str(exc)[:200]})") from None
+    return out
+
+
 def _row_error(row: dict | None) -> OpenAIError:
     meta = (row or {}).get("metadata") or {}
     try:
@@ -239,8 +254,8 @@ class OpenAIIngress:
                 return JSONResponse(await getattr(self, route)())
             try:
                 body = json.loads(await request.body())
-            except json.JSONDecodeError as exc:
-                raise OpenAIError(f"the body is not JSON ({exc})") from None
+            except (ValueError, RecursionError) as exc:  # not JSON, not UTF-8, or nested too deep
+                raise OpenAIError(f"the body is not JSON ({type(exc).__name__}: {str(exc)[:200]})") from None
             if not isinstance(body, dict):
                 raise OpenAIError("the body must be a JSON object")
             answer = await getattr(self, route)(body)
@@ -263,8 +278,7 @@ class OpenAIIngress:
     async def chat(self, body: dict[str, Any]):
         from starlette.responses import JSONResponse
 
-        params = chat_params(body)
-        parse_request(params)  # malformed values answer 400 here, before any worker is asked
+        params = _checked(chat_params, body)
         model = body.get("model")
         handle = await self._handle(model)
         if body.get("stream"):
@@ -286,9 +300,7 @@ class OpenAIIngress:
     async def completions(self, body: dict[str, Any]):
         from starlette.responses import JSONResponse
 
-        rows = completion_params(body)
-        for params in rows:
-            parse_request(params)
+        rows = _checked(completion_params, body)
         model = body.get("model")
         handle = await self._handle(model)
         if body.get("stream"):

@@ -136,6 +136,8 @@ class ModelWorker:
                         todo_idx.append(i)
                 except RequestParseError as exc:
                     results[i] = ChatResult(error=str(exc))
+                except Exception as exc:  # any other malformed row (too deep, too big): that row's error alone
+                    results[i] = ChatResult(error=_malformed(exc))
             if todo:
                 try:
                     answers = await self.backend.chat_batch(todo)
@@ -159,6 +161,9 @@ class ModelWorker:
             request = parse_request(params, self.generation_defaults)
         except RequestParseError as exc:
             yield {"error": str(exc), "status": 400}
+            return
+        except Exception as exc:
+            yield {"error": _malformed(exc), "status": 400}
             return
         if request is None:
             yield {"error": "the request's instruction is null", "status": 400}
@@ -255,8 +260,9 @@ class ModelWorker:
 
         try:
             params = json.loads(await request.body())
-        except json.JSONDecodeError as exc:
-            return PlainTextResponse(f"the body is not JSON ({exc}); send one request as a JSON object", status_code=400)
+        except (ValueError, RecursionError) as exc:  # not JSON, not UTF-8, or nested too deep
+            return PlainTextResponse(f"the body is not JSON ({_malformed(exc)}); send one request as a JSON object",
+                                     status_code=400)
         items = self.stream_chat(params)
         first = await items.__anext__()
         if "error" in first:
@@ -290,9 +296,9 @@ class ModelWorker:
             if row[:1] == "{":
                 try:
                     text = json.loads(row).get("instruction", row)
-                except (json.JSONDecodeError, AttributeError):
+                except (ValueError, AttributeError, RecursionError):
                     text = row
-            texts.append(str(text))
+            texts.append(text if isinstance(text, str) else row)  # a JSON row without text: embed it as sent
             idx.append(i)
         vectors: list = [None] * len(rows)
         with self._busy(len(rows)):
@@ -318,6 +324,11 @@ def _error_item(exc: Exception) -> dict[str, Any]:
     if isinstance(status, int) and 400 <= status < 600:
         return {"error": str(exc), "status": status}
     return {"error": f"{type(exc).__name__}: {exc}", "status": 500}
+
+
+def _malformed(exc: BaseException) -> str:
+    """A malformed request's error text: what kind of input failed, never a huge repr."""
+    return f"the request is malformed ({type(exc).__name__}: {str(exc)[:200]}); build it with llm_param(map(...))"
 
 
 def _subpath(request) -> str:
