@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 
 # name -> module that defines it; resolved on first attribute access (PEP 562).
 _EXPORTS = {
+    "ModelTable": "model_table",
     "cancel_job": "finetune",
     "chat": "api.chat",
     "chat_batch": "api.chat",
@@ -24,6 +25,7 @@ _EXPORTS = {
     "endpoint": "cluster",
     "exists": "api.deploy",
     "init": "cluster",
+    "is_model_table": "model_table",
     "job_logs": "finetune",
     "job_output": "finetune",
     "job_status": "finetune",
@@ -34,6 +36,7 @@ _EXPORTS = {
     "read_model_table": "model_table",
     "register_functions": "sql.functions",
     "register_model_function": "sql.functions",
+    "resolve_table_uri": "model_table",
     "resume_job": "finetune",
     "save_model_table": "model_table",
     "sfft": "finetune",

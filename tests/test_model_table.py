@@ -17,6 +17,7 @@ import pytest
 
 from byzerllm_spark import model_table as mt
 from byzerllm_spark.errors import ChecksumError, ConfigError, ModelNotFoundError, ModelTableError
+from byzerllm_spark.model_table import _format, reader
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHUNK = 64 << 10  # small chunks so small files still span several rows
@@ -78,8 +79,9 @@ def test_resolve_names_paths_and_uris(tmp_path, monkeypatch):
     monkeypatch.setenv("BYZERLLM_WAREHOUSE", str(tmp_path / "envwh"))
     assert mt.resolve_table_uri("db.t") == str(tmp_path / "envwh" / "db" / "t")
     monkeypatch.delenv("BYZERLLM_WAREHOUSE")
+    monkeypatch.delenv("BYZERLLM_HOME", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert mt.resolve_table_uri("db.t") == str(tmp_path / "home/.byzerllm/warehouse/db/t")
+    assert mt.resolve_table_uri("db.t") == str(tmp_path / "home/.byzerllm_spark/warehouse/db/t")
     assert mt.resolve_table_uri("file:///data/models/x/") == "file:///data/models/x"
     assert mt.resolve_table_uri("s3://bucket/models/x") == "s3://bucket/models/x"
     assert mt.resolve_table_uri("/data/models/x/") == "/data/models/x"
@@ -100,6 +102,111 @@ def test_import_is_cheap():
         "assert not heavy, heavy"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def test_spark_quoted_names_resolve_like_plain_names(tmp_path, model, wh, cache):
+    plain = mt.resolve_table_uri("ai_model.smollm2", warehouse="/wh")
+    assert plain == "/wh/ai_model/smollm2"
+    for quoted in (
+        "`ai_model`.`smollm2`", "`ai_model.smollm2`", "`ai_model`.smollm2", "ai_model.`SmolLM2`",
+        " `AI_model`.`smollm2` ",
+    ):
+        assert mt.resolve_table_uri(quoted, warehouse="/wh") == plain, quoted
+    for bad in ("`ai_model`.`smol/lm`", "`ai_model`", "`a.b.c`", "`ai_model`.`x", "`a`.`b`.`c`"):
+        with pytest.raises(ConfigError, match=r"table=.*quoted table name"):
+            mt.resolve_table_uri(bad, warehouse="/wh")
+    # one table, whichever spelling saves and loads it
+    assert mt.save_model_table(model, "`ai_model`.`q`", warehouse=wh, chunk_size=CHUNK) == 0
+    assert mt.save_model_table(model, "`ai_model.q`", warehouse=wh, chunk_size=CHUNK) == 1
+    assert mt.is_model_table("ai_model.q", warehouse=wh)
+    assert [h["version"] for h in mt.model_table_history("ai_model.q", warehouse=wh)] == [1, 0]
+    assert_same_tree(model, mt.load_model_table("`ai_model`.q", warehouse=wh, cache_dir=cache))
+
+
+def test_default_folders_are_below_byzerllm_home(tmp_path, model, monkeypatch):
+    for var in ("BYZERLLM_WAREHOUSE", "BYZERLLM_MODEL_CACHE"):
+        monkeypatch.delenv(var, raising=False)
+    home = tmp_path / "home"
+    monkeypatch.setenv("BYZERLLM_HOME", str(home))
+    assert mt.save_model_table(model, "ai_model.h", chunk_size=CHUNK) == 0
+    assert os.path.isdir(home / "warehouse" / "ai_model" / "h" / "_delta_log")
+    assert mt.load_model_table("ai_model.h").startswith(str(home / "model_cache") + os.sep)
+    monkeypatch.setenv("BYZERLLM_MODEL_CACHE", str(tmp_path / "cache2"))
+    assert mt.load_model_table("ai_model.h").startswith(str(tmp_path / "cache2") + os.sep)
+    monkeypatch.setenv("BYZERLLM_WAREHOUSE", "s3://bucket/wh/")
+    assert mt.resolve_table_uri("ai_model.h") == "s3://bucket/wh/ai_model/h"
+
+
+def test_model_table_handle(tmp_path, wh, cache, monkeypatch):
+    a = make_model_dir(tmp_path / "a", seed=1)
+    b = make_model_dir(tmp_path / "b", seed=2, big=100_000)
+    t = mt.ModelTable.for_name("`ai_model`.`Handle`", warehouse=wh)
+    assert t.uri == mt.resolve_table_uri("ai_model.handle", warehouse=wh)
+    assert t == mt.ModelTable.for_path(t.uri) and repr(t) == f"ModelTable({t.uri!r})"
+    assert not t.exists()
+    with pytest.raises(ModelNotFoundError, match="does not exist"):
+        t.version
+    assert t.save(a, metadata={"step": 1}, chunk_size=CHUNK) == 0
+    assert t.save(b, metadata={"step": 2}, chunk_size=CHUNK) == 1
+    assert t.exists() and t.version == 1
+    assert [h["metadata"] for h in t.history()] == [{"step": 2}, {"step": 1}]
+    assert_same_tree(a, t.load(0, cache_dir=cache))
+    latest = t.load(cache_dir=cache)
+    assert latest == mt.load_model_table("ai_model.handle", warehouse=wh, cache_dir=cache)
+    assert_same_tree(b, latest)
+    with pytest.raises(ModelTableError, match="already exists"):
+        t.save(a, mode="error")
+    with pytest.raises(ConfigError, match=r"name=.*ModelTable.for_path"):
+        mt.ModelTable.for_name("/data/models/x")
+    monkeypatch.chdir(tmp_path)  # for_path never reads a name: this is the directory ./ai_model.x
+    assert mt.ModelTable.for_path("ai_model.x").uri == str(tmp_path / "ai_model.x")
+
+
+def test_docstring_examples_run(tmp_path, monkeypatch):
+    import doctest
+    import tempfile
+
+    from byzerllm_spark.model_table import _open, names, table, writer
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setenv("BYZERLLM_HOME", str(tmp_path / "home"))
+    for module in (names, _open, writer, table):
+        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+        assert result.attempted > 0 and result.failed == 0, module.__name__
+
+
+def test_top_level_exports():
+    import byzerllm_spark as bls
+
+    for name in ("ModelTable", "is_model_table", "resolve_table_uri", "save_model_table",
+                 "load_model_table", "model_table_history", "read_model_table"):
+        assert name in bls.__all__ and getattr(bls, name) is getattr(mt, name), name
+
+
+def test_package_imports_only_errors_and_settings_without_cycles():
+    """The package is a lower layer: of this library it imports only errors and settings, and
+    each of its modules imports only the modules listed before it."""
+    import ast
+    import pathlib
+
+    order = ["_format", "names", "_open", "writer", "reader", "history", "spark", "table",
+             "__init__"]
+    pkg = pathlib.Path(mt.__file__).parent
+    assert sorted(p.stem for p in pkg.glob("*.py")) == sorted(order)
+    for path in pkg.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                assert not any(a.name.startswith("byzerllm_spark") for a in node.names), path
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module] if node.module else [a.name for a in node.names]
+                if node.level == 0:
+                    assert not (node.module or "").startswith("byzerllm_spark"), path
+                elif node.level == 2:
+                    assert set(names) <= {"errors", "settings"}, (path, names)
+                else:
+                    assert node.level == 1, path
+                    for name in names:
+                        assert order.index(name) < order.index(path.stem), (path, name)
 
 
 # --------------------------------------------------------------------------------------------
@@ -124,7 +231,7 @@ def test_chunk_rows(model, tmp_path):
     table = str(tmp_path / "t")
     mt.save_model_table(model, table, chunk_size=CHUNK)
     rows = DeltaTable(table).to_pyarrow_table().to_pylist()
-    assert [c for c in rows[0]] == list(mt._COLUMNS)
+    assert [c for c in rows[0]] == list(_format.COLUMNS)
     big = [r for r in rows if r["path"] == "model.safetensors"]
     big.sort(key=lambda r: r["chunk_index"])
     content = (model / "model.safetensors").read_bytes()
@@ -153,8 +260,8 @@ def test_file_uri_table(model, tmp_path, cache):
 def test_many_row_groups_and_data_files(model, tmp_path, cache, monkeypatch):
     from deltalake import DeltaTable
 
-    monkeypatch.setattr(mt, "_ROW_GROUP_BYTES", 2 * CHUNK)
-    monkeypatch.setattr(mt, "_FILE_BYTES", CHUNK)  # a file's chunks span several data files
+    monkeypatch.setattr(_format, "ROW_GROUP_BYTES", 2 * CHUNK)
+    monkeypatch.setattr(_format, "FILE_BYTES", CHUNK)  # a file's chunks span several data files
     table = str(tmp_path / "many")
     mt.save_model_table(model, table, chunk_size=CHUNK)
     assert len(DeltaTable(table).file_uris()) >= 3
@@ -210,7 +317,7 @@ def test_second_load_is_served_from_the_cache(model, wh, cache, monkeypatch):
     def no_reads(*args, **kwargs):
         raise AssertionError("a cached version was materialised again")
 
-    monkeypatch.setattr(mt, "_materialise", no_reads)
+    monkeypatch.setattr(reader, "_materialise", no_reads)
     t0 = time.perf_counter()
     assert mt.load_model_table("ai_model.c", version=0, warehouse=wh, cache_dir=cache) == first
     assert time.perf_counter() - t0 < 1.0
@@ -235,14 +342,14 @@ def test_a_table_saved_again_after_deletion_is_not_served_stale(tmp_path, cache)
 def test_concurrent_loads_materialise_once(model, wh, cache, monkeypatch):
     mt.save_model_table(model, "ai_model.cc", warehouse=wh, chunk_size=CHUNK)
     calls = []
-    real = mt._materialise
+    real = reader._materialise
 
     def counting(*args, **kwargs):
         calls.append(1)
         time.sleep(0.2)  # keep the lock held while the other thread arrives
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(mt, "_materialise", counting)
+    monkeypatch.setattr(reader, "_materialise", counting)
     results = []
     def load():
         results.append(mt.load_model_table("ai_model.cc", warehouse=wh, cache_dir=cache))
@@ -360,7 +467,7 @@ def test_a_table_cannot_write_outside_the_cache(tmp_path, cache):
         "sha256": hashlib.sha256(b"hi").hexdigest(), "file_size": 2,
         "file_digest": hashlib.sha256(hashlib.sha256(b"hi").digest()).hexdigest(), "data": b"hi",
     }
-    write_deltalake(evil, pa.Table.from_pylist([row], schema=mt._arrow_schema()))
+    write_deltalake(evil, pa.Table.from_pylist([row], schema=_format.arrow_schema()))
     with pytest.raises(ModelTableError, match="unsafe file path"):
         mt.load_model_table(evil, cache_dir=cache)
     assert not os.path.exists(os.path.join(cache, "escaped.txt"))
@@ -371,8 +478,9 @@ KILLED_SAVE = textwrap.dedent(
     """
     import os, sys, time
     from byzerllm_spark import model_table as mt
+    from byzerllm_spark.model_table import _format
 
-    mt._ROW_GROUP_BYTES = 128 << 10  # many small row groups, so data files appear early
+    _format.ROW_GROUP_BYTES = 128 << 10  # many small row groups, so data files appear early
     real_preadv = os.preadv
 
     def slow_disk(*args, **kwargs):  # a slow disk: the save takes seconds, not milliseconds
@@ -420,6 +528,101 @@ def test_save_killed_halfway_keeps_the_previous_version(tmp_path, cache):
     assert_same_tree(b, mt.load_model_table(table, cache_dir=cache))
 
 
+def test_delta_errors_surface_as_model_table_errors(model, tmp_path, cache):
+    from deltalake.exceptions import DeltaError
+
+    table = str(tmp_path / "broken")
+    mt.save_model_table(model, table, chunk_size=CHUNK)
+    mt.save_model_table(model, table, chunk_size=CHUNK)
+    with open(os.path.join(table, "_delta_log", "00000000000000000001.json"), "w") as f:
+        f.write("{not json\n")
+    handle = mt.ModelTable.for_path(table)
+    calls = {
+        "load": lambda: mt.load_model_table(table, cache_dir=cache),
+        "load v0": lambda: mt.load_model_table(table, version=0, cache_dir=cache),
+        "history": lambda: mt.model_table_history(table),
+        "save": lambda: mt.save_model_table(model, table, chunk_size=CHUNK),
+        "version": lambda: handle.version,
+    }
+    for what, call in calls.items():
+        with pytest.raises(ModelTableError) as info:
+            call()
+        message = str(info.value)
+        assert not isinstance(info.value, DeltaError), what
+        assert table in message and "failed in delta-rs" in message, (what, message)
+        assert "_delta_log" in message and "<unknown>" not in message, (what, message)
+    assert not mt.is_model_table(table)
+    assert cache_entries(cache) == []
+
+
+CONCURRENT_SAVE = textwrap.dedent(
+    """
+    import json, os, sys, time
+    from byzerllm_spark import model_table as mt
+    from byzerllm_spark.errors import ModelTableError
+    from byzerllm_spark.model_table import writer
+
+    src, table, mine, theirs = sys.argv[1:5]
+    real_commit_once = writer._commit_once
+    met = []
+
+    def commit_together(*args, **kwargs):
+        # Both saves found no table and wrote their data files; meet, then commit at once.
+        if not met:
+            met.append(1)
+            open(mine, "w").close()
+            deadline = time.monotonic() + 60
+            while not os.path.exists(theirs):
+                if time.monotonic() > deadline:
+                    sys.exit("the other save never reached its commit")
+                time.sleep(0.001)
+        return real_commit_once(*args, **kwargs)
+
+    writer._commit_once = commit_together
+    try:
+        print(json.dumps({"version": mt.save_model_table(src, table, chunk_size=64 << 10)}))
+    except ModelTableError as exc:
+        print(json.dumps({"error": str(exc)}))
+    """
+)
+
+
+def test_two_processes_saving_a_new_table_at_once(tmp_path, cache):
+    import json
+
+    from deltalake import DeltaTable
+
+    sources = [make_model_dir(tmp_path / "a", seed=1), make_model_dir(tmp_path / "b", seed=2)]
+    table = str(tmp_path / "raced")
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    marks = [str(tmp_path / "a.ready"), str(tmp_path / "b.ready")]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", CONCURRENT_SAVE, str(src), table, marks[i], marks[1 - i]],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )
+        for i, src in enumerate(sources)
+    ]
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err.decode()
+        results.append(json.loads(out.decode().strip().splitlines()[-1]))
+    # Either both commit as two versions, or one is told to retry; never a raw delta-rs error.
+    committed = {r["version"]: src for r, src in zip(results, sources) if "version" in r}
+    for r in results:
+        if "error" in r:
+            assert "conflicted with a concurrent writer" in r["error"] and "retry" in r["error"]
+    assert sorted(committed) == list(range(len(committed))) and committed
+    assert [h["version"] for h in mt.model_table_history(table)] == sorted(committed)[::-1]
+    ids = {DeltaTable(table, version=v).metadata().id for v in committed}
+    assert len(ids) == 1  # one table: the loser did not create a second one over the first
+    for version, src in committed.items():
+        assert len(DeltaTable(table, version=version).file_uris()) == 1  # its own files only
+        assert_same_tree(src, mt.load_model_table(table, version=version, cache_dir=cache))
+    assert len(committed) == 2  # this library commits the loser as the next version
+
+
 # --------------------------------------------------------------------------------------------
 # Spark
 
@@ -439,7 +642,7 @@ def test_spark_reads_the_chunk_rows(spark, tmp_path, wh):
     mt.save_model_table(b, "ai_model.sp", warehouse=wh, chunk_size=CHUNK)
 
     df = mt.read_model_table(spark, "ai_model.sp", warehouse=wh)
-    assert df.columns == list(mt._COLUMNS)
+    assert df.columns == list(_format.COLUMNS)
     per_file = df.groupBy("path").agg(F.sum("length").alias("n")).collect()
     sizes = {r["path"]: r["n"] for r in per_file}
     assert sizes["model.safetensors"] == 100_000 and sizes["empty.txt"] == 0 and len(sizes) == 5
@@ -450,5 +653,8 @@ def test_spark_reads_the_chunk_rows(spark, tmp_path, wh):
 
     old = mt.read_model_table(spark, "ai_model.sp", version=0, warehouse=wh)
     assert old.agg(F.sum("length")).first()[0] == tree_size(a)
+    handle = mt.ModelTable.for_name("`ai_model`.`sp`", warehouse=wh)
+    assert handle.to_spark(spark, version=0).agg(F.sum("length")).first()[0] == tree_size(a)
+    assert handle.to_spark(spark).count() == df.count()
     with pytest.raises(ModelNotFoundError):
         mt.read_model_table(spark, "ai_model.sp", version=9, warehouse=wh)
