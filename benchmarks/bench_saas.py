@@ -1,7 +1,7 @@
 """Requests/s of a ``saas/openai`` deployment against a local OpenAI-compatible server.
 
 The upstream (``tests/_fake_openai.py``, aiohttp, its own process) answers every chat request after
-a fixed ``--latency-ms`` (50). A SaaS worker sends one upstream request at a time (seed 002), so
+a fixed ``--latency-ms`` (50). A SaaS worker sends one upstream request at a time (as in Byzer-LLM), so
 ``--workers`` (4) workers can do at most ``workers / latency`` = 80 requests/s: the ideal. Measured,
 ``--repeat`` times each (median reported), with every row one upstream request:
 

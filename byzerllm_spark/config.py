@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
 from .errors import ConfigError, bad_value
 
@@ -25,6 +25,25 @@ REDACTED = "******"
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
 _MODEL_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]{0,63}$")
+
+#: Byzer-LLM's names for ``deploy()`` arguments (the keys of its ``run command as LLM.`` statement
+#: and of its Python API) -> this library's names, with the type their string values parse to.
+BYZER_DEPLOY_NAMES: dict[str, tuple[str, str]] = {
+    "pretrainedModelType": ("pretrained_model_type", "str"),
+    "inferBackend": ("infer_backend", "str"),
+    "modelPath": ("model_path", "str"),
+    "localModelDir": ("model_path", "str"),
+    "modelTable": ("model_table", "str"),
+    "udfName": ("udf_name", "str"),
+    "localPathPrefix": ("local_path_prefix", "str"),
+    "modelWaitServerReadyTimeout": ("wait_ready_timeout", "float"),
+    "reconnect": ("reconnect", "bool"),
+    "maxConcurrency": ("num_workers", "int"),
+    "num_gpus": ("gpus_per_worker", "float"),
+}
+#: Byzer-LLM keys that ``deploy()`` accepts and needs nothing from (``action="infer"`` is the only
+#: action a deployment has; finetuning is ``bls.sft`` / ``bls.sfft``).
+BYZER_IGNORED_NAMES = frozenset({"action"})
 
 def is_secret_key(key: str) -> bool:
     """True for keys whose values must never be shown (``saas.api_key`` and friends)."""
@@ -133,16 +152,81 @@ def split_typed_key(key: str, prefix: str) -> tuple[str, str]:
     return parts[1], parts[2]
 
 
+def byzer_deploy_args(
+    given: Mapping[str, Any],
+    defaults: Mapping[str, Any],
+    byzer_kwargs: Mapping[str, Any],
+    infer_params: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    """``deploy()`` arguments given under Byzer-LLM's names, as this library's names.
+
+    Byzer-LLM's names (:data:`BYZER_DEPLOY_NAMES`) are accepted as keyword arguments of ``deploy()``
+    and inside ``infer_params`` (where Byzer-LLM's SQL puts every key of ``run command as LLM``).
+    ``modelTable="command"`` means "no model table", as in Byzer-LLM.
+
+    Args:
+        given: ``deploy()``'s own arguments as called; those that differ from ``defaults`` count as set.
+        defaults: ``deploy()``'s keyword defaults (``deploy.__kwdefaults__``).
+        byzer_kwargs: the other keyword arguments given to ``deploy()``.
+        infer_params: the ``infer_params`` map.
+
+    Returns:
+        ``{snake_case name: value}`` for every Byzer-LLM name found.
+
+    Raises:
+        ConfigError: an argument that is no name of either kind (with the closest valid one), a
+            value that does not parse, or one setting given twice with different values (naming both).
+
+    Example:
+        >>> byzer_deploy_args({}, {}, {"udfName": "chat"}, {"modelWaitServerReadyTimeout": "300"})
+        {'udf_name': 'chat', 'wait_ready_timeout': 300.0}
+    """
+    unknown = [key for key in byzer_kwargs if key not in BYZER_DEPLOY_NAMES]
+    if unknown:
+        import difflib
+
+        names = sorted({"model", *defaults, *BYZER_DEPLOY_NAMES})
+        close = difflib.get_close_matches(unknown[0], names, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(f"deploy() has no argument {unknown[0]!r}: {hint}valid arguments: {', '.join(names)}")
+    params = infer_params or {}
+    for key in BYZER_IGNORED_NAMES & set(params):
+        if str(params[key]).strip().lower() != "infer":
+            raise ConfigError(bad_value(
+                f"infer_params[{key!r}]", params[key],
+                "deploy() serves models (action='infer'); finetune with bls.sft(...) or bls.sfft(...)",
+            ))
+    explicit = {name: value for name, value in given.items() if value != defaults.get(name)}
+    sources = [(key, key, value) for key, value in byzer_kwargs.items()]
+    sources += [(f"infer_params[{key!r}]", key, value) for key, value in params.items() if key in BYZER_DEPLOY_NAMES]
+    found: dict[str, tuple[str, Any]] = {}  # snake_case name -> (where it was given, value)
+    for where, key, value in sources:
+        name, kind = BYZER_DEPLOY_NAMES[key]
+        if isinstance(value, str) or kind == "bool":
+            value = parse_typed(where, kind, value)
+        if name == "model_table" and value == "command":
+            value = None  # Byzer-LLM's "no model table" (its docs: localModelDir with modelTable="command")
+        for other, seen in ((name, explicit.get(name, value)), found.get(name, (where, value))):
+            if seen != value:
+                raise ConfigError(
+                    f"{where}={value!r} and {other}={seen!r} disagree: they are one setting ({key} is "
+                    f"Byzer-LLM's name for {name}); pass one of them"
+                )
+        found[name] = (where, value)
+    return {name: value for name, (_, value) in found.items()}
+
+
 @dataclass(frozen=True)
 class InferParams:
-    """``infer_params`` split by prefix (seed 002).
+    """``infer_params`` split by prefix, as Byzer-LLM's ``byzerllm deploy --infer_params`` takes them.
 
     Attributes:
         saas: ``saas.*`` keys, prefix stripped, values as given (vendor client settings).
         backend: ``backend.*`` keys, prefix stripped, values coerced: passed through to the engine.
         generation: ``generation.*`` / ``gen.*`` keys, stripped: default generation kwargs.
-        plain: other keys, coerced (llama.cpp parameters such as ``n_ctx``, or plugin settings).
-        raw: the original string map, given unchanged to plugins' ``init_model``.
+        plain: other keys, coerced (llama.cpp parameters such as ``n_ctx``, or plugin settings);
+            Byzer-LLM's deploy names (``udfName``...) are not here: ``deploy()`` takes them.
+        raw: the original string map, given unchanged to plugins' ``init_model`` (as Byzer-LLM does).
     """
 
     saas: dict[str, Any] = field(default_factory=dict)
@@ -165,6 +249,8 @@ class InferParams:
             if not isinstance(key, str) or not key:
                 raise ConfigError(bad_value("infer_params key", key, "keys are non-empty strings"))
             head, _, rest = key.partition(".")
+            if key in BYZER_DEPLOY_NAMES or key in BYZER_IGNORED_NAMES:
+                continue  # deploy() arguments under Byzer-LLM's names: see byzer_deploy_args
             if head in TYPED_PREFIXES:
                 continue  # training keys; parsed by the finetune layer
             if head == "saas" and rest:
@@ -182,6 +268,40 @@ class InferParams:
             if key.startswith(TYPED_PREFIXES):
                 parse_typed_params(params, key.split(".", 1)[0])
         return cls(saas=saas, backend=backend, generation=generation, plain=plain, raw=dict(params))
+
+    def check_keys(
+        self, engine: str, *, backend: Collection[str] = (), plain: Collection[str] = (), saas: bool = False
+    ) -> None:
+        """Refuse keys that ``engine`` would not use, before any worker starts.
+
+        Args:
+            engine: what the keys are for, as the message names it (``infer_backend='transformers'``).
+            backend: the ``backend.<name>`` names the engine takes.
+            plain: the un-prefixed names it takes (llama.cpp's own ``Llama(...)`` arguments, which it
+                also takes as ``backend.<name>``).
+            saas: whether ``saas.*`` keys are for it.
+
+        Raises:
+            ConfigError: one paragraph naming the first unknown key and listing the valid ones.
+        """
+        unknown = [f"backend.{k}" for k in self.backend if k not in backend]
+        unknown += [k for k in self.plain if k not in plain]
+        unknown += [] if saas else [f"saas.{k}" for k in self.saas]
+        if not unknown:
+            return
+        names = ", ".join(sorted({*backend, *plain}))
+        if plain:  # llama.cpp: the same names, plain or prefixed
+            engine_keys = f"{names} (plain, or as backend.<name>)"
+        else:
+            engine_keys = f"backend.<name> for {names}" if backend else ""
+        valid = [engine_keys, "saas.<name>" if saas else "",
+                 "generation.<name> / gen.<name> (default generation values)",
+                 "sft.<type>.<name> / sfft.<type>.<name> (finetuning)",
+                 f"Byzer-LLM's deploy names ({', '.join(BYZER_DEPLOY_NAMES)})"]
+        first = unknown[0]
+        what = f"configures saas/<vendor> types, not {engine}" if first.startswith("saas.") else f"is not used by {engine}"
+        others = f" (nor {', '.join(repr(k) for k in unknown[1:])})" if unknown[1:] else ""
+        raise ConfigError(f"infer_params key {first!r} {what}{others}. Valid keys: {'; '.join(v for v in valid if v)}.")
 
     def __repr__(self) -> str:
         return (
@@ -233,7 +353,9 @@ class DeployConfig:
         if not isinstance(self.pretrained_model_type, str) or not self.pretrained_model_type:
             raise ConfigError(bad_value("pretrained_model_type", self.pretrained_model_type, "e.g. 'custom/auto'"))
         if self.model_path is not None and self.model_table is not None:
-            raise ConfigError("pass model_path or model_table, not both (seed 000: model_path wins in Byzer; be explicit)")
+            raise ConfigError(
+                "pass model_path or model_table, not both (Byzer-LLM lets localModelDir win; here, be explicit)"
+            )
         if self.udf_name is not None and not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", self.udf_name):
             raise ConfigError(bad_value("udf_name", self.udf_name, "use a SQL identifier: letters, digits and '_'"))
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import time
+
 import pytest
 
 import byzerllm_spark as bls
@@ -64,18 +67,79 @@ def test_llama_cpp_backend_serves_the_embedded_default(cluster):
         bls.undeploy("smol_cpp")
 
 
-def test_llama_cpp_rejects_unknown_params(cluster):
+def test_llama_cpp_rejects_unknown_params_at_deploy(cluster):
+    """An unknown llama.cpp key fails on the driver in one paragraph, before any worker starts."""
     pytest.importorskip("llama_cpp")
-    from byzerllm_spark.errors import DeploymentError
+    from byzerllm_spark.errors import ConfigError
 
-    with pytest.raises(DeploymentError, match="n_ctxx"):
-        bls.deploy("smol_badparam", infer_backend="llama_cpp", cpus_per_worker=0.5, infer_params={"n_ctxx": "1"},
-                   wait_ready_timeout=120)
+    started = time.monotonic()
+    with pytest.raises(ConfigError) as err:
+        bls.deploy("smol_badparam", infer_backend="llama_cpp", cpus_per_worker=0.5,
+                   infer_params={"backend.n_ctxx": "1"}, wait_ready_timeout=120)
+    message = str(err.value)
+    assert "'backend.n_ctxx' is not used by infer_backend='llama_cpp'" in message and "n_ctx, " in message
+    assert "\n" not in message and "Traceback" not in message
+    assert time.monotonic() - started < 30  # no worker was started and waited for
     assert not bls.exists("smol_badparam")
 
 
+def test_transformers_streams_token_by_token(smol_transformers):
+    """bls.stream_chat and /v1 stream=true get the answer in many pieces that join to the greedy answer."""
+    import requests
+
+    question = dict(temperature=0, max_length=20)
+    whole = bls.chat(smol_transformers, "Count from one to twenty.", **question)
+    pieces = list(bls.stream_chat(smol_transformers, "Count from one to twenty.", **question))
+    assert len(pieces) > 1 and "".join(pieces) == whole
+    body = {"model": smol_transformers, "stream": True, "temperature": 0, "max_tokens": 20,
+            "messages": [{"role": "user", "content": "Count from one to twenty."}]}
+    with requests.post(f"{bls.endpoint()}/v1/chat/completions", json=body, stream=True, timeout=120) as resp:
+        assert resp.status_code == 200
+        chunks = [json.loads(line[6:]) for line in resp.iter_lines(decode_unicode=True)
+                  if line.startswith("data: {")]
+    texts = [c["choices"][0]["delta"].get("content") for c in chunks if c.get("choices")]
+    texts = [t for t in texts if t]
+    assert len(texts) > 1 and "".join(texts) == whole
+
+
+def test_chat_on_an_embedding_model_says_to_embed(cluster):
+    import requests
+
+    from byzerllm_spark.errors import RequestError
+
+    bls.deploy("minilm_chat", infer_backend="embedding", cpus_per_worker=0.5)
+    try:
+        with pytest.raises(RequestError, match=r"computes embeddings, not chat answers: call bls.embed\('minilm_chat'"):
+            bls.chat("minilm_chat", "a sentence")
+        with pytest.raises(RequestError, match="bls.embed"):
+            list(bls.stream_chat("minilm_chat", "a sentence"))
+        resp = requests.post(f"{bls.endpoint()}/v1/chat/completions", timeout=60,
+                             json={"model": "minilm_chat", "messages": [{"role": "user", "content": "x"}]})
+        assert resp.status_code == 400 and "/v1/embeddings" in resp.json()["error"]["message"]
+        assert len(bls.embed("minilm_chat", ["a sentence"])[0]) == 384  # what it is for still works
+    finally:
+        bls.undeploy("minilm_chat")
+
+
+def test_plugin_gets_the_model_dir_it_was_deployed_with(cluster, tmp_path):
+    """As in Byzer-LLM, init_model's model_dir is the deployment's model_path (localModelDir), or None."""
+    import requests
+
+    bls.deploy("echo_nodir", pretrained_model_type="echo", cpus_per_worker=0.1)  # a bare plugin name
+    bls.deploy("echo_dir", pretrained_model_type="custom/echo", cpus_per_worker=0.1, localModelDir=str(tmp_path),
+               infer_params={"udfName": "echo_dir", "echo_prefix": "dir: "})
+    try:
+        info = {m: requests.get(f"{bls.endpoint()}/{m}/info", timeout=60).json() for m in ("echo_nodir", "echo_dir")}
+        assert info["echo_nodir"]["model_dir"] is None and info["echo_dir"]["model_dir"] == str(tmp_path)
+        assert bls.chat("echo_dir", "hi") == "dir: hi"
+        assert bls.deploy_config("echo_dir").udf_name == "echo_dir"
+    finally:
+        bls.undeploy("echo_nodir")
+        bls.undeploy("echo_dir")
+
+
 def test_deploy_from_a_model_table(cluster, tmp_path):
-    """Seed 003: a checkpoint saved as a Delta model table is deployed; workers materialise it."""
+    """Byzer-LLM's model tables: a checkpoint saved as a Delta model table is deployed; workers materialise it."""
     from byzerllm_spark.backends._model_files import default_model_dir
 
     table = str(tmp_path / "ai_model" / "smollm2")

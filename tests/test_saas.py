@@ -134,6 +134,22 @@ def test_5xx_backs_off_exponentially_then_the_row_gets_its_error(upstream):
         assert result.metadata == {"http_status": "503", "retries": "2"}
 
 
+def test_saas_backoff_sets_the_openai_clients_retry_delay(upstream):
+    """saas.backoff reaches the openai client (whose own first delay is 0.5 s, then 1 s, 2 s)."""
+    backend = SaasBackend(saas_config(model="busy-3", base_url=upstream.base_url, backoff="0.01"), None)
+    started = time.monotonic()
+    (result,) = run(backend.chat_batch([parse_request({"instruction": "x"})]))
+    assert result.error is None and result.metadata["retries"] == "3"
+    assert time.monotonic() - started < 1.0
+
+
+def test_no_key_sends_no_authorization_not_even_from_the_environment(upstream, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-from-the-environment")
+    backend = SaasBackend(saas_config(model="m", base_url=upstream.base_url), None)
+    (result,) = run(backend.chat_batch([parse_request({"instruction": "x"})]))
+    assert result.response == "re: x" and upstream.state["auth"][-1] is None
+
+
 def test_unreachable_vendor_is_a_row_error(upstream):
     backend = SaasBackend(saas_config(model="m", base_url="http://127.0.0.1:9/v1", max_retries="1",
                                       backoff="0.01", timeout="2"), None)

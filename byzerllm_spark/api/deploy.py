@@ -12,11 +12,17 @@ import time
 from typing import Any, Mapping
 
 from .. import cluster
-from ..config import DeployConfig, InferParams
+from ..config import DeployConfig, InferParams, byzer_deploy_args
 from ..errors import ConfigError, DeploymentError, ModelNotFoundError, ResourceError, not_deployed
 from ..serving import app as serve_app
 
 logger = logging.getLogger(__name__)
+
+#: deploy() arguments that DeployConfig takes as they are.
+_CONFIG_ARGS = (
+    "pretrained_model_type", "infer_backend", "model_path", "model_table", "num_workers", "cpus_per_worker",
+    "gpus_per_worker", "worker_concurrency", "load_balance", "udf_name", "local_path_prefix",
+)
 
 
 def deploy(
@@ -38,6 +44,7 @@ def deploy(
     spark: Any = None,
     sys_conf: Mapping[str, Any] | None = None,
     local_path_prefix: str | None = None,
+    **byzer_names: Any,
 ) -> DeployConfig:
     """Deploy a model as a Ray Serve application named ``model``.
 
@@ -62,6 +69,10 @@ def deploy(
         wait_ready_timeout: seconds to wait for every worker to load (Byzer-LLM's
             ``modelWaitServerReadyTimeout``).
         udf_name, spark: register the model's SQL function in that SparkSession.
+        **byzer_names: Byzer-LLM's names for the arguments above (``pretrainedModelType``,
+            ``inferBackend``, ``modelPath`` / ``localModelDir``, ``modelTable``, ``udfName``,
+            ``localPathPrefix``, ``modelWaitServerReadyTimeout``, ``reconnect``, ``maxConcurrency``,
+            ``num_gpus``), here or inside ``infer_params`` as Byzer-LLM's SQL passes them.
 
     Returns:
         The parsed DeployConfig.
@@ -78,25 +89,19 @@ def deploy(
     from ..backends import registry
     from ..backends._model_files import check_model_path
 
-    if cpus_per_worker is None:
-        cpus_per_worker = 0.001 if pretrained_model_type.startswith("saas/") else 1.0
-    if isinstance(num_workers, str) or isinstance(cpus_per_worker, str):
+    defaults = deploy.__kwdefaults__
+    args = {name: value for name, value in locals().items() if name in defaults}
+    args.update(byzer_deploy_args(args, defaults, byzer_names, infer_params))
+    reconnect, wait_ready_timeout, udf_name = args["reconnect"], args["wait_ready_timeout"], args["udf_name"]
+    if args["cpus_per_worker"] is None:
+        args["cpus_per_worker"] = 0.001 if str(args["pretrained_model_type"]).startswith("saas/") else 1.0
+    if isinstance(args["num_workers"], str) or isinstance(args["cpus_per_worker"], str):
         raise ConfigError("num_workers and cpus_per_worker take numbers, not strings")
     config = DeployConfig(
         model=model,
-        pretrained_model_type=pretrained_model_type,
-        infer_backend=infer_backend,
-        model_path=model_path,
-        model_table=model_table,
-        num_workers=num_workers,
-        cpus_per_worker=cpus_per_worker,
-        gpus_per_worker=gpus_per_worker,
-        worker_concurrency=worker_concurrency,
         infer_params=InferParams.parse(infer_params),
-        load_balance=load_balance,
-        udf_name=udf_name,
         sys_conf=dict(sys_conf or {}),
-        local_path_prefix=local_path_prefix,
+        **{name: args[name] for name in _CONFIG_ARGS},
     )
     if not isinstance(wait_ready_timeout, (int, float)) or wait_ready_timeout <= 0:
         raise ConfigError(f"wait_ready_timeout={wait_ready_timeout!r} is not valid: use seconds > 0, e.g. 300")

@@ -6,6 +6,8 @@ import abc
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, AsyncIterator
 
+from ..errors import RequestError
+
 if TYPE_CHECKING:
     from ..config import DeployConfig
     from ..protocol.request import ChatRequest
@@ -30,7 +32,7 @@ class Backend(abc.ABC):
 
     #: Name shown in errors and ``workers()``.
     name: str = "backend"
-    #: True for backends that answer ``embed_batch`` (the ``/embed`` route, ``array<float>`` in SQL).
+    #: True for backends that answer :meth:`embed_batch` (the ``/embed`` route, ``array<float>`` in SQL).
     supports_embedding: bool = False
     #: Rows per HTTP request that callers (the Spark functions) send by default: large for cheap
     #: models so per-request overhead is amortised, small for LLMs so work spreads over workers.
@@ -39,6 +41,16 @@ class Backend(abc.ABC):
     def __init__(self, config: "DeployConfig", model_dir: str | None) -> None:
         self.config = config
         self.model_dir = model_dir
+
+    @classmethod
+    def check_config(cls, config: "DeployConfig") -> None:
+        """On the driver, before any worker starts: refuse ``infer_params`` keys this engine would not
+        use. Runs without loading the engine where it can (nothing heavy is imported for it).
+
+        Raises:
+            ConfigError: naming the key and listing the valid ones.
+        """
+        config.infer_params.check_keys(f"infer_backend={cls.name!r}")
 
     @abc.abstractmethod
     async def chat_batch(self, requests: "list[ChatRequest]") -> list[ChatResult]:
@@ -49,7 +61,10 @@ class Backend(abc.ABC):
         (token usage, finish reason). Default: the whole answer as one piece, then its metadata."""
         (result,) = await self.chat_batch([request])
         if result.error:
-            raise RuntimeError(result.error)
+            error = RequestError(result.error)
+            status = str(result.metadata.get("http_status", ""))
+            error.status = int(status) if status.isdigit() else 500  # the HTTP status a caller gets
+            raise error
         yield result.response or ""
         yield ChatResult(metadata=dict(result.metadata))
 

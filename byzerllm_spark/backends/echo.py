@@ -1,4 +1,4 @@
-"""An echo model written to the seed 001 plugin contract.
+"""An echo model written to Byzer-LLM's model plugin contract.
 
 Deploy it with ``pretrained_model_type="custom/echo"``. It answers each instruction with itself
 (prefixed by ``echo_prefix`` from ``infer_params``, default empty) and reports the keyword
@@ -8,7 +8,7 @@ arguments it received in its metadata. It loads nothing, so it measures the serv
 ``init_model``, to stand in for a slow model load), ``echo_delay_ms`` (sleep per answer, to stand in
 for model latency).
 
-It also has the seed's ``sft_train`` / ``sfft_train``: they train nothing, read every row the data
+It also has the contract's ``sft_train`` / ``sfft_train``: they train nothing, read every row the data
 servers hold and write what arrived to ``<localPathPrefix>/final/echo_train.json`` (rows, columns,
 the first row, the ``train_params`` keys), so ``bls.sft(df, pretrained_model_type="custom/echo")``
 exercises the plugin finetune path end to end.
@@ -33,7 +33,7 @@ class EchoModel:
         self.delay_s = delay_s
 
 
-def init_model(model_dir, infer_params: Dict[str, str] = {}, sys_conf: Dict[str, str] = {}):  # noqa: B006 (seed signature)
+def init_model(model_dir, infer_params: Dict[str, str] = {}, sys_conf: Dict[str, str] = {}):  # noqa: B006 (Byzer-LLM's signature)
     time.sleep(float(infer_params.get("echo_init_seconds", 0)))
     model = EchoModel(str(infer_params.get("echo_prefix", "")), float(infer_params.get("echo_delay_ms", 0)) / 1000)
     model.stream_chat = types.MethodType(stream_chat, model)
@@ -44,7 +44,7 @@ def stream_chat(
     self,
     tokenizer,
     ins: str,
-    his: List[Dict[str, str]] = [],  # noqa: B006 (seed signature)
+    his: List[Dict[str, str]] = [],  # noqa: B006 (Byzer-LLM's signature)
     max_length: int = 4090,
     top_p: float = 0.95,
     temperature: float = 0.1,

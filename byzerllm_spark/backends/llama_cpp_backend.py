@@ -1,7 +1,8 @@
 """llama.cpp through llama-cpp-python: GGUF models on CPU (or GPU layers with ``n_gpu_layers``).
 
-Plain ``infer_params`` keys are llama.cpp's own ``Llama(...)`` arguments (seed 002: ``n_gpu_layers``,
-``verbose``, ``n_ctx``...); ``backend.*`` keys are accepted too. Unknown keys are refused.
+Plain ``infer_params`` keys are llama.cpp's own ``Llama(...)`` arguments, as Byzer-LLM's deploy docs
+give them (``n_gpu_layers``, ``verbose``, ``n_ctx``...); ``backend.*`` keys are accepted too. Unknown
+keys are refused on the driver at ``deploy()``, before any worker starts.
 """
 
 from __future__ import annotations
@@ -15,8 +16,6 @@ from ..errors import ConfigError
 from ._model_files import find_gguf
 from .base import Backend, ChatResult
 
-_RESERVED = {"echo_prefix"}
-
 
 def _import_llama():
     try:
@@ -29,9 +28,40 @@ def _import_llama():
     return Llama
 
 
+def llama_params(config, Llama) -> dict[str, Any]:
+    """The ``Llama(...)`` arguments of a deployment: this backend's defaults, then ``infer_params``.
+
+    Raises:
+        ConfigError: a key that ``Llama.__init__`` does not take (listing the ones it does).
+    """
+    accepted = set(inspect.signature(Llama.__init__).parameters) - {"self", "model_path", "kwargs"}
+    config.infer_params.check_keys("infer_backend='llama_cpp'", backend=accepted, plain=accepted)
+    threads = max(1, int(round(config.cpus_per_worker)))
+    params: dict[str, Any] = {
+        "n_ctx": 2048,
+        # Both thread counts follow the worker's CPUs: llama.cpp's default batch threads (all
+        # cores) make two workers on one machine spin against each other.
+        "n_threads": threads,
+        "n_threads_batch": threads,
+        "n_gpu_layers": -1 if config.gpus_per_worker > 0 else 0,
+        "verbose": False,
+    }
+    given = {**config.infer_params.plain, **config.infer_params.backend}
+    params.update(given)
+    return params
+
+
 class LlamaCppBackend(Backend):
     name = "llama_cpp"
     preferred_batch_size = 4
+
+    @classmethod
+    def check_config(cls, config) -> None:
+        try:
+            Llama = _import_llama()
+        except ImportError:
+            return  # not installed on the driver: each worker checks when it loads
+        llama_params(config, Llama)
 
     def __init__(self, config, model_dir) -> None:
         super().__init__(config, model_dir)
@@ -42,29 +72,9 @@ class LlamaCppBackend(Backend):
                 f"model_path={model_dir!r} is not valid for infer_backend='llama_cpp': it needs a .gguf file "
                 "or a directory holding one (use infer_backend='transformers' for Hugging Face directories)"
             )
-        accepted = set(inspect.signature(Llama.__init__).parameters) - {"self", "model_path", "kwargs"}
-        threads = max(1, int(round(config.cpus_per_worker)))
-        params: dict[str, Any] = {
-            "n_ctx": 2048,
-            # Both thread counts follow the worker's CPUs: llama.cpp's default batch threads (all
-            # cores) make two workers on one machine spin against each other.
-            "n_threads": threads,
-            "n_threads_batch": threads,
-            "n_gpu_layers": -1 if config.gpus_per_worker > 0 else 0,
-            "verbose": False,
-        }
-        given = {**config.infer_params.plain, **config.infer_params.backend}
-        for key, value in given.items():
-            if key in _RESERVED:
-                continue
-            if key not in accepted:
-                raise ConfigError(
-                    f"infer_params key {key!r} is not a llama.cpp parameter; accepted: {', '.join(sorted(accepted))}"
-                )
-            params[key] = value
-        self.params = params
+        self.params = llama_params(config, Llama)
         self.gguf = gguf
-        self.llm = Llama(model_path=gguf, **params)
+        self.llm = Llama(model_path=gguf, **self.params)
         self._lock = threading.Lock()
         completion = inspect.signature(self.llm.create_chat_completion).parameters
         self._gen_keys = set(completion) - {"messages", "stream", "self"}

@@ -1,8 +1,10 @@
-"""The seed 001 plugin contract, unchanged.
+"""Byzer-LLM's model plugin contract, unchanged (its docs: "adding a new model type").
 
 A plugin is a module with ``init_model(model_dir, infer_params, sys_conf) -> (model, tokenizer)``
 that binds ``stream_chat(self, tokenizer, ins, his, max_length, top_p, temperature, **kwargs)`` to
-the model. Byzer-LLM plugins return ``[(text, meta)]``; this adapter also accepts a plain string,
+the model. As in Byzer-LLM, ``model_dir`` is the model directory the deployment names
+(``model_path`` / ``localModelDir``, or a materialised model table), None when it names none;
+``infer_params`` is the deployment's whole string map; ``sys_conf`` is its ``sys_conf``. Byzer-LLM plugins return ``[(text, meta)]``; this adapter also accepts a plain string,
 ``(text, meta)``, or a generator of text pieces (streamed).
 """
 
@@ -13,12 +15,13 @@ import functools
 import inspect
 from typing import Any, AsyncIterator
 
+from ..errors import ConfigError
 from .base import Backend, ChatResult
 
 
 def _split_result(result: Any) -> tuple[str, dict[str, str]]:
     """Normalise what ``stream_chat`` returned into (text, metadata)."""
-    # The seed's shape, ``[(text, {"metadata": {str: str}})]``, once per row: checked first.
+    # Byzer-LLM's shape, ``[(text, {"metadata": {str: str}})]``, once per row: checked first.
     if type(result) is list and len(result) == 1 and type(result[0]) is tuple and len(result[0]) == 2:
         text, meta = result[0]
         if type(text) is str and type(meta) is dict:
@@ -39,7 +42,7 @@ def _split_result(result: Any) -> tuple[str, dict[str, str]]:
 
 
 class PluginBackend(Backend):
-    """Runs a user module written to the seed contract."""
+    """Runs a user module written to Byzer-LLM's plugin contract."""
 
     name = "plugin"
     preferred_batch_size = 64
@@ -51,9 +54,9 @@ class PluginBackend(Backend):
         infer_params = {k: v for k, v in config.infer_params.raw.items()}
         self.model, self.tokenizer = module.init_model(model_dir, infer_params, dict(config.sys_conf))
         if not callable(getattr(self.model, "stream_chat", None)):
-            raise TypeError(
+            raise ConfigError(
                 f"plugin {module.__name__!r}: init_model returned a model without stream_chat; bind it with "
-                "model.stream_chat = types.MethodType(stream_chat, model) (seed 001)"
+                "model.stream_chat = types.MethodType(stream_chat, model), as Byzer-LLM's plugin contract says"
             )
         # One call at a time per worker unless the user raised worker_concurrency: plugins are
         # written for a single caller, as in Byzer-LLM.

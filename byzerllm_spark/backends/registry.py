@@ -9,7 +9,7 @@ import importlib
 from importlib import metadata
 from typing import TYPE_CHECKING, Callable
 
-from ..errors import BackendNotFoundError
+from ..errors import BackendNotFoundError, ConfigError
 
 if TYPE_CHECKING:
     from ..config import DeployConfig
@@ -21,22 +21,17 @@ SAAS_PREFIX = "saas/"
 
 #: ``infer_backend`` names for ``pretrained_model_type="custom/auto"``.
 _INFER_BACKENDS: dict[str, str] = {}
-#: ``pretrained_model_type`` prefixes (``saas/<vendor>``) registered by other modules.
-_MODEL_TYPES: dict[str, str] = {}
 
 
 def register_infer_backend(name: str, target: str) -> None:
-    """Register ``infer_backend=name`` → ``"module:Class"``. Duplicates are refused."""
+    """Register ``infer_backend=name`` → ``"module:Class"``.
+
+    Raises:
+        ConfigError: ``name`` is already registered (duplicates are refused).
+    """
     if name in _INFER_BACKENDS:
-        raise ValueError(f"infer_backend {name!r} is already registered (to {_INFER_BACKENDS[name]})")
+        raise ConfigError(f"infer_backend {name!r} is already registered (to {_INFER_BACKENDS[name]}); pick another name")
     _INFER_BACKENDS[name] = target
-
-
-def register_model_type(name: str, target: str) -> None:
-    """Register ``pretrained_model_type=name`` → ``"module:Class"``. Duplicates are refused."""
-    if name in _MODEL_TYPES:
-        raise ValueError(f"pretrained_model_type {name!r} is already registered (to {_MODEL_TYPES[name]})")
-    _MODEL_TYPES[name] = target
 
 
 register_infer_backend("transformers", "byzerllm_spark.backends.transformers_backend:TransformersBackend")
@@ -54,9 +49,9 @@ def plugin_entry_points() -> dict[str, str]:
 
 
 def available_model_types() -> list[str]:
-    names = ["custom/auto", "saas/<vendor>"] + sorted(_MODEL_TYPES)
+    names = ["custom/auto", "saas/<vendor>"]
     names += [f"custom/{name}" for name in sorted(plugin_entry_points())]
-    return names + ["custom/<module>", "<dotted.module.path>"]
+    return names + ["custom/<module>", "<module or dotted.module.path>"]
 
 
 def _load(target: str) -> Callable:
@@ -79,20 +74,29 @@ def default_infer_backend() -> str:
 
 
 def plugin_module_name(pretrained_model_type: str) -> str | None:
-    """The module a plugin type names, or None when the type is not a plugin."""
-    if pretrained_model_type.startswith("custom/") and pretrained_model_type != "custom/auto":
-        name = pretrained_model_type[len("custom/"):]
-        return plugin_entry_points().get(name, name)
-    if "/" not in pretrained_model_type and "." in pretrained_model_type:
-        return pretrained_model_type
-    return None
+    """The module a plugin type names, or None when the type is not a plugin.
+
+    ``custom/<name>`` and a bare ``<name>`` (Byzer-LLM's ``pretrainedModelType="llama"`` style) name an
+    entry point of the group ``byzerllm_spark.models``, else an importable module; a dotted path names
+    a module.
+    """
+    kind = pretrained_model_type
+    if kind == "custom/auto" or kind.startswith(SAAS_PREFIX):
+        return None
+    name = kind[len("custom/"):] if kind.startswith("custom/") else kind
+    if not name or "/" in name:
+        return None  # e.g. Byzer-LLM's sft/<model> types: finetuning, not serving
+    return plugin_entry_points().get(name, name)
 
 
 def check(config: "DeployConfig") -> str:
-    """Validate the backend choice on the driver; return a description. Imports only plugins.
+    """Validate the backend choice and its ``infer_params`` keys on the driver; return a description.
+
+    Imports plugins, and llama.cpp when installed (to read its arguments); never torch.
 
     Raises:
         BackendNotFoundError: the type or infer_backend is unknown, listing the available ones.
+        ConfigError: an ``infer_params`` key the backend would not use, listing the valid ones.
     """
     kind = config.pretrained_model_type
     if kind == "custom/auto":
@@ -101,31 +105,49 @@ def check(config: "DeployConfig") -> str:
             raise BackendNotFoundError(
                 f"infer_backend={backend!r} is not registered; available: {', '.join(infer_backends())}"
             )
+        _load(_INFER_BACKENDS[backend]).check_config(config)
         return backend
-    if kind in _MODEL_TYPES:
-        return kind
     if kind.startswith(SAAS_PREFIX):
         from .saas import check_config
 
         return check_config(config)  # unknown vendors list the known ones
+    module = load_plugin(kind)
+    return f"plugin:{module.__name__}"
+
+
+def load_plugin(kind: str):
+    """Import the plugin module that ``pretrained_model_type=kind`` names and check its contract.
+
+    Raises:
+        BackendNotFoundError: no such module, or it has no ``init_model`` (Byzer-LLM's plugin contract).
+    """
     module_name = plugin_module_name(kind)
-    if module_name is not None:
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as exc:
-            raise BackendNotFoundError(
-                f"pretrained_model_type={kind!r}: plugin module {module_name!r} cannot be imported ({exc}); "
-                f"available: {', '.join(available_model_types())}"
-            ) from None
-        if not callable(getattr(module, "init_model", None)):
-            raise BackendNotFoundError(
-                f"pretrained_model_type={kind!r}: module {module_name!r} has no init_model(model_dir, "
-                "infer_params, sys_conf); see the plugin contract in the README"
-            )
-        return f"plugin:{module_name}"
-    raise BackendNotFoundError(
-        f"pretrained_model_type={kind!r} is not registered; available: {', '.join(available_model_types())}"
-    )
+    if module_name is None:
+        raise BackendNotFoundError(
+            f"pretrained_model_type={kind!r} is not a type that can be served; available: "
+            f"{', '.join(available_model_types())}"
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        missing = exc.name if isinstance(exc, ModuleNotFoundError) else None
+        if not (missing and (module_name == missing or module_name.startswith(missing + "."))):
+            raise BackendNotFoundError(  # the plugin is there; its own imports failed
+                f"pretrained_model_type={kind!r}: plugin module {module_name!r} failed to import: {exc}"
+            ) from exc
+        raise BackendNotFoundError(
+            f"pretrained_model_type={kind!r}: no plugin module {module_name!r} is installed or importable. "
+            f"Available: {', '.join(available_model_types())}. Byzer-LLM's built-in model types "
+            "(llama, chatglm, ...) are served here by 'custom/auto' with infer_backend='transformers' or "
+            "'llama_cpp'"
+        ) from None
+    if not callable(getattr(module, "init_model", None)):
+        raise BackendNotFoundError(
+            f"pretrained_model_type={kind!r}: module {module_name!r} has no init_model(model_dir, "
+            "infer_params, sys_conf), the first function of Byzer-LLM's plugin contract (see the README's "
+            "plugin section)"
+        )
+    return module
 
 
 def build(config: "DeployConfig", model_dir: str | None) -> "Backend":
@@ -134,15 +156,13 @@ def build(config: "DeployConfig", model_dir: str | None) -> "Backend":
     if kind == "custom/auto":
         backend = config.infer_backend or default_infer_backend()
         return _load(_INFER_BACKENDS[backend])(config, model_dir)
-    if kind in _MODEL_TYPES:
-        return _load(_MODEL_TYPES[kind])(config, model_dir)
     if kind.startswith(SAAS_PREFIX):
         from .saas import SaasBackend
 
         return SaasBackend(config, model_dir)
-    module_name = plugin_module_name(kind)
-    if module_name is None:
-        check(config)  # raises with the list
     from .plugin import PluginBackend
 
-    return PluginBackend(config, model_dir, importlib.import_module(module_name))
+    # Byzer-LLM gives init_model the localModelDir it was deployed with: a plugin deployed without
+    # model_path or model_table gets None, never the built-in engines' default model.
+    given = model_dir if (config.model_path or config.model_table) else None
+    return PluginBackend(config, given, load_plugin(kind))

@@ -2,8 +2,9 @@
 
 Requests of one batch that share sampling settings are generated together (left padding), so a
 Spark batch of rows becomes a few ``generate`` calls. CUDA is used when the worker has a GPU.
-``backend.*`` keys go to ``from_pretrained`` (e.g. ``backend.torch_dtype=bfloat16``), except
-``backend.max_batch_size`` (rows per ``generate`` call, default 8).
+``backend.*`` keys go to ``from_pretrained`` (e.g. ``backend.torch_dtype=bfloat16``; the names of
+:data:`LOAD_KEYS`, checked at deploy), except ``backend.max_batch_size`` (rows per ``generate`` call,
+default 8). Streaming sends tokens as ``generate`` makes them (``TextIteratorStreamer``).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from typing import Any
+from typing import Any, AsyncIterator
 
 from ..errors import ConfigError
 from ._model_files import find_gguf, is_hf_dir
@@ -29,6 +30,17 @@ _GENERATE_KEYS = {
 }
 
 
+#: ``backend.<name>`` keys: ``from_pretrained`` arguments that make sense for a served model (transformers
+#: 5's signature and the keyword arguments it documents), and this backend's ``max_batch_size``.
+#: Checked on the driver without importing transformers (that import takes seconds).
+LOAD_KEYS = frozenset({
+    "attn_implementation", "cache_dir", "device_map", "disable_mmap", "dtype", "experts_implementation",
+    "force_download", "ignore_mismatched_sizes", "key_mapping", "local_files_only", "max_memory",
+    "offload_buffers", "offload_folder", "quantization_config", "revision", "subfolder", "token",
+    "torch_dtype", "trust_remote_code", "use_kernels", "use_safetensors", "variant", "weights_only",
+})
+
+
 def _import():
     try:
         import torch
@@ -41,13 +53,28 @@ def _import():
     return torch, transformers
 
 
+class _Cancelled:
+    """A ``generate`` stopping criterion: true once the streaming caller has gone away."""
+
+    def __init__(self, event: threading.Event, torch) -> None:
+        self.event, self.torch = event, torch
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return self.torch.full((input_ids.shape[0],), self.event.is_set(), dtype=self.torch.bool, device=input_ids.device)
+
+
 class TransformersBackend(Backend):
     name = "transformers"
+
+    @classmethod
+    def check_config(cls, config) -> None:
+        config.infer_params.check_keys(f"infer_backend={cls.name!r}", backend=LOAD_KEYS | {"max_batch_size"})
 
     def __init__(self, config, model_dir) -> None:
         super().__init__(config, model_dir)
         torch, transformers = _import()
         self.torch = torch
+        self.transformers = transformers
         if not model_dir:
             raise ConfigError("infer_backend='transformers' needs a model directory (model_path=...)")
         options = dict(config.infer_params.backend)
@@ -88,7 +115,7 @@ class TransformersBackend(Backend):
         messages = req.messages()
         if getattr(self.tokenizer, "chat_template", None):
             return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        # No chat template: the seed's role names build a plain transcript.
+        # No chat template: Byzer-LLM's role names (user_role, assistant_role) build a plain transcript.
         user, assistant = req.user_role or "User", req.assistant_role or "Assistant"
         lines = [req.system_msg] if req.system_msg else []
         for turn in req.history:
@@ -103,10 +130,8 @@ class TransformersBackend(Backend):
         sample = req.temperature > 0
         return (sample, req.temperature if sample else 0.0, req.top_p if sample else 1.0, req.top_k, extra)
 
-    def _generate(self, reqs) -> list[ChatResult]:
-        torch = self.torch
-        prompts = [self.prompt(r) for r in reqs]
-        enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+    def _generate_kwargs(self, reqs) -> dict[str, Any]:
+        """``generate()`` arguments shared by the requests of one group (seeding torch if asked)."""
         first = reqs[0]
         kwargs: dict[str, Any] = {
             "max_new_tokens": max(r.max_length for r in reqs),
@@ -118,40 +143,43 @@ class TransformersBackend(Backend):
                 kwargs["top_k"] = first.top_k
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        seed = None
         for key, value in first.generation.items():
             if key == "seed":
-                seed = int(value)
+                self.torch.manual_seed(int(value))
             elif key == "stop_strings":
                 kwargs.update(stop_strings=value, tokenizer=self.tokenizer)
             elif key in _GENERATE_KEYS:
                 kwargs[key] = value
-        if seed is not None:
-            torch.manual_seed(seed)
-        with torch.inference_mode():
+        return kwargs
+
+    def _result(self, new_tokens: list[int], prompt_tokens: int, max_length: int) -> ChatResult:
+        """One answer from its generated token ids: cut at end-of-sequence, decoded, with usage."""
+        new_tokens = new_tokens[:max_length]
+        eos = self.tokenizer.eos_token_id
+        finish = "length"
+        if eos is not None and eos in new_tokens:
+            new_tokens = new_tokens[: new_tokens.index(eos)]
+            finish = "stop"
+        return ChatResult(
+            response=self.tokenizer.decode(new_tokens, skip_special_tokens=True).strip(),
+            metadata={
+                "prompt_tokens": str(prompt_tokens),
+                "completion_tokens": str(len(new_tokens)),
+                "finish_reason": finish,
+            },
+        )
+
+    def _generate(self, reqs) -> list[ChatResult]:
+        prompts = [self.prompt(r) for r in reqs]
+        enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        kwargs = self._generate_kwargs(reqs)
+        with self.torch.inference_mode():
             output = self.model.generate(**enc, **kwargs)
         prompt_len = enc["input_ids"].shape[1]
-        results = []
-        eos = self.tokenizer.eos_token_id
-        for i, req in enumerate(reqs):
-            new_tokens = output[i, prompt_len:][: req.max_length].tolist()
-            prompt_tokens = int(enc["attention_mask"][i].sum())
-            finish = "length"
-            if eos is not None and eos in new_tokens:
-                new_tokens = new_tokens[: new_tokens.index(eos)]
-                finish = "stop"
-            text = self.tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
-            results.append(
-                ChatResult(
-                    response=text,
-                    metadata={
-                        "prompt_tokens": str(prompt_tokens),
-                        "completion_tokens": str(len(new_tokens)),
-                        "finish_reason": finish,
-                    },
-                )
-            )
-        return results
+        return [
+            self._result(output[i, prompt_len:].tolist(), int(enc["attention_mask"][i].sum()), req.max_length)
+            for i, req in enumerate(reqs)
+        ]
 
     def _run(self, requests) -> list[ChatResult]:
         results: list[ChatResult | None] = [None] * len(requests)
@@ -174,6 +202,51 @@ class TransformersBackend(Backend):
 
     async def chat_batch(self, requests) -> list[ChatResult]:
         return await asyncio.to_thread(self._run, requests)
+
+    async def stream_chat(self, request) -> AsyncIterator[Any]:
+        """Yield the answer's text as ``generate`` produces it (transformers' ``TextIteratorStreamer``,
+        ``generate`` in a thread), then a ChatResult with the usage. The pieces join to exactly the
+        answer :meth:`chat_batch` gives: whitespace at either end is held back, as ``.strip()`` does."""
+        transformers = self.transformers
+        streamer = transformers.TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        cancelled = threading.Event()
+        outcome: dict[str, Any] = {}
+        enc = self.tokenizer([self.prompt(request)], return_tensors="pt", add_special_tokens=False).to(self.device)
+
+        def generate() -> None:
+            try:
+                with self._lock, self.torch.inference_mode():
+                    kwargs = self._generate_kwargs([request])
+                    stop = transformers.StoppingCriteriaList([_Cancelled(cancelled, self.torch)])
+                    outcome["output"] = self.model.generate(**enc, **kwargs, streamer=streamer, stopping_criteria=stop)
+            except BaseException as exc:  # handed to the caller below
+                outcome["error"] = exc
+                streamer.end()
+
+        worker = threading.Thread(target=generate, name="transformers-stream", daemon=True)
+        worker.start()
+        pending, started, done = "", False, object()
+        try:
+            while True:
+                piece = await asyncio.to_thread(next, streamer, done)
+                if piece is done:
+                    break
+                text = pending + piece
+                if not started:
+                    text = text.lstrip()
+                kept = text.rstrip()
+                pending = text[len(kept):]
+                if kept:
+                    started = True
+                    yield kept
+        finally:
+            cancelled.set()  # a caller that went away stops the generation at its next token
+            await asyncio.to_thread(worker.join)
+        if "error" in outcome:
+            raise outcome["error"]
+        prompt_len = enc["input_ids"].shape[1]
+        result = self._result(outcome["output"][0, prompt_len:].tolist(), prompt_len, request.max_length)
+        yield ChatResult(metadata=result.metadata)
 
     def info(self) -> dict[str, Any]:
         return {"backend": self.name, "model_file": self.model_file, "device": str(self.device)}
