@@ -42,7 +42,7 @@ def resolve_model_dir(config) -> str | None:
         return load_model_table(config.model_table, cache_dir=config.local_path_prefix)
     if config.model_path:
         return config.model_path
-    if config.is_saas:
+    if config.pretrained_model_type != "custom/auto":  # SaaS and plugins: no default model to load
         return None
     if config.infer_backend == "embedding":
         from ..backends.embedding_backend import default_embedding_dir
