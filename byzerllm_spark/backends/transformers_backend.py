@@ -2,9 +2,10 @@
 
 Requests of one batch that share sampling settings are generated together (left padding), so a
 Spark batch of rows becomes a few ``generate`` calls. CUDA is used when the worker has a GPU.
-``backend.*`` keys go to ``from_pretrained`` (e.g. ``backend.torch_dtype=bfloat16``; the names of
-:data:`LOAD_KEYS`, checked at deploy), except ``backend.max_batch_size`` (rows per ``generate`` call,
-default 8). Streaming sends tokens as ``generate`` makes them (``TextIteratorStreamer``).
+A GGUF file is dequantised once per node into the cache folder (``settings.cache_dir()``) and
+loaded from that safetensors copy afterwards. ``backend.*`` keys go to ``from_pretrained`` (e.g.
+``backend.torch_dtype=bfloat16``; the names of :data:`LOAD_KEYS`, checked at deploy), except
+``backend.max_batch_size`` (rows per ``generate`` call, default 8). Streaming sends tokens as ``generate`` makes them (``TextIteratorStreamer``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import threading
 from typing import Any, AsyncIterator
 
 from ..errors import ConfigError
-from ._model_files import find_gguf, is_hf_dir
+from ._model_files import dequantised_dir, find_gguf, is_hf_dir
 from .base import Backend, ChatResult
 
 #: generate() keyword arguments a request may set through ``generation.<name>``.
@@ -97,8 +98,13 @@ class TransformersBackend(Backend):
                 raise ConfigError(
                     f"model_path={model_dir!r} is not a model: expected a directory with config.json or a .gguf file"
                 )
-            source, gguf_kwargs = os.path.dirname(gguf), {"gguf_file": os.path.basename(gguf)}
             self.model_file = gguf
+            try:
+                # Dequantised once per node, then loaded memory-mapped: later starts skip the GGUF
+                # dequantisation that made most of a cold start (see dequantised_dir).
+                source, gguf_kwargs = dequantised_dir(gguf), {}
+            except OSError:  # no writable cache folder: dequantise in memory, as transformers does
+                source, gguf_kwargs = os.path.dirname(gguf), {"gguf_file": os.path.basename(gguf)}
         if not use_cuda:
             torch.set_num_threads(max(1, int(round(config.cpus_per_worker)) or 1))
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(source, **gguf_kwargs)
