@@ -8,7 +8,7 @@
 2. Rows/s from a cached Spark table into a Ray dataset through the data servers, against
    ``df.toArrow()`` on the driver. Target: ratio >= 1.0 with 2 partitions.
 
-    .venv/bin/python benchmarks/bench_finetune.py [--rows 2000000] [--repeat 3] [--epochs 4]
+    .venv/bin/python benchmarks/bench_finetune.py [--rows 2000000] [--repeat 3] [--epochs 4] [--smoke]
 
 The machine is shared (2 cores): figures are noisy; the best of ``--repeat`` runs is reported.
 """
@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 
-from _common import report
+from _common import add_smoke_flag, finish, report
 
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -76,12 +76,12 @@ def baseline_sft(conversations, epochs: int, threads: int) -> tuple[float, float
     return float(metrics["train_samples_per_second"]), time.perf_counter() - start
 
 
-def bench_sft(spark, repeat: int, epochs: int, threads: int) -> None:
+def bench_sft(spark, repeat: int, epochs: int, threads: int, copies: int = 8) -> None:
     import byzerllm_spark as bls
     from byzerllm_spark.finetune import _progress
     from byzerllm_spark.finetune.formats import normalise
 
-    rows = [(q, "", a) for q, a in FACTS] * 8  # 32 conversations
+    rows = [(q, "", a) for q, a in FACTS] * copies  # 32 conversations by default
     df = spark.createDataFrame(rows, "instruction string, input string, output string").repartition(2)
     conversations = [normalise({"instruction": q, "input": "", "output": a}, "alpaca") for q, _, a in rows]
     ours, theirs, ours_wall, theirs_wall = [], [], [], []
@@ -146,7 +146,10 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--only", choices=["sft", "rows"], default=None)
+    add_smoke_flag(parser)
     args = parser.parse_args()
+    if args.smoke:
+        args.rows, args.repeat, args.epochs = 20_000, 1, 1
 
     import byzerllm_spark as bls
     from pyspark.sql import SparkSession
@@ -158,10 +161,11 @@ def main() -> None:
         if args.only in (None, "rows"):
             bench_rows(spark, args.rows, args.repeat)
         if args.only in (None, "sft"):
-            bench_sft(spark, args.repeat, args.epochs, args.threads)
+            bench_sft(spark, args.repeat, args.epochs, args.threads, 1 if args.smoke else 8)
     finally:
         spark.stop()
         bls.shutdown()
+    finish("bench_finetune")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ Usage::
 
     .venv/bin/python benchmarks/bench_model_table.py                # 1024 MB, 3 repeats
     .venv/bin/python benchmarks/bench_model_table.py --size-mb 256 --repeat 1
+    .venv/bin/python benchmarks/bench_model_table.py --smoke        # 8 MB, once: figures finite and > 0
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+from _common import add_smoke_flag, finish, measured, report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -150,7 +153,10 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="runs of each (default 3)")
     parser.add_argument("--chunk-size", type=int, default=4 << 20, help="default 4 MiB")
     parser.add_argument("--tmp", default=None, help="scratch directory (default: system temp)")
+    add_smoke_flag(parser)
     args = parser.parse_args()
+    if args.smoke:
+        args.size_mb, args.repeat, args.chunk_size = 8, 1, 1 << 20
 
     work = tempfile.mkdtemp(prefix="bench-model-table-", dir=args.tmp)
     try:
@@ -204,6 +210,14 @@ def main() -> None:
               "; ".join(f"{c:.2f}/{h:.2f}/{s:.2f}/{ld:.2f}" for c, h, s, ld in runs))
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    size = f"{mb:.0f} MB model dir, median of {args.repeat}"
+    report(f"model table save, {size}", mb / save, mb / cp, "MB/s", ">= 0.5 of cp -r")
+    report(f"model table load (verified), {size}", mb / load, mb / cp, "MB/s", ">= 0.7 of cp -r")
+    report(f"sha256-only read of the same bytes (floor of a verified copy), {size}", mb / sha, mb / cp, "MB/s",
+           "information")
+    measured(f"model table save, peak RSS ({args.size_mb} MB dir)", max(save_rss), "MB", "< 300 MB at 1 GB")
+    measured(f"model table load, peak RSS ({args.size_mb} MB dir)", max(load_rss), "MB", "< 300 MB at 1 GB")
+    finish("bench_model_table")
 
 
 if __name__ == "__main__":

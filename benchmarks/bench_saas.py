@@ -17,6 +17,7 @@ Usage::
 
     .venv/bin/python benchmarks/bench_saas.py                       # 4 workers, 50 ms, 800 rows, 3 repeats
     .venv/bin/python benchmarks/bench_saas.py --modes client,openai --repeat 1
+    .venv/bin/python benchmarks/bench_saas.py --smoke                # tiny: every figure finite and > 0
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # Spark's Python worker
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from _common import add_smoke_flag, finish, report  # noqa: E402
 
 
 def start_upstream(latency_ms: float) -> tuple[subprocess.Popen, str]:
@@ -111,7 +114,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--modes", default="direct,client,openai,spark")
+    add_smoke_flag(parser)
     args = parser.parse_args()
+    if args.smoke:
+        args.rows, args.repeat = 64, 1
     modes = args.modes.split(",")
     ideal = args.workers / (args.latency_ms / 1000)
 
@@ -163,8 +169,11 @@ def main() -> None:
     for mode, values in results.items():
         median = statistics.median(values)
         print(f"{mode:8s} {median:7.1f} {median / ideal:9.2f}")
+        report(f"saas/openai {mode}, {args.workers} workers, {args.latency_ms:g} ms upstream (median of {args.repeat})",
+               median, ideal, "req/s", "of ideal; >= 0.9 for client/openai/spark")
     print(f"requests per worker: {stat['total_requests']}; tokens: prompt {stat['total_prompt_tokens']}, "
           f"completion {stat['total_completion_tokens']}")
+    finish("bench_saas")
 
 
 if __name__ == "__main__":

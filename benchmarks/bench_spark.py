@@ -1,4 +1,4 @@
-"""Spark function figures (issue 3). Run: .venv/bin/python benchmarks/bench_spark.py [--skip-models]
+"""Spark function figures (issue 3). Run: .venv/bin/python benchmarks/bench_spark.py [--skip-models] [--smoke]
 
 1. Rows/s of SELECT count(chat(llm_param(map('instruction', s)))) FROM range(200000) through the
    echo plugin, against an identity pandas UDF over the same rows in the same run.
@@ -15,7 +15,7 @@ import asyncio
 import time
 
 import numpy as np
-from _common import report, run_in_threads
+from _common import add_smoke_flag, finish, report, run_in_threads
 
 import byzerllm_spark as bls
 from byzerllm_spark.protocol.request import parse_request
@@ -49,8 +49,9 @@ def bench_echo_sql(spark, rows: int, repeats: int) -> None:
     bls.deploy("chat_echo", pretrained_model_type="custom/echo", num_workers=2, cpus_per_worker=0.5,
                worker_concurrency=2, udf_name="chat", spark=spark)
     sql = "SELECT count({fn}(llm_param(map('instruction', s)))) FROM (SELECT cast(id AS STRING) AS s FROM range({n}))"
-    spark.sql(sql.format(fn="chat", n=10_000)).collect()  # warm-up: Python workers, routes
-    spark.sql(sql.format(fn="identity_udf", n=10_000)).collect()
+    warm = min(rows, 10_000)
+    spark.sql(sql.format(fn="chat", n=warm)).collect()  # warm-up: Python workers, routes
+    spark.sql(sql.format(fn="identity_udf", n=warm)).collect()
     best = {"chat": 0.0, "identity_udf": 0.0}
     for _ in range(repeats):
         for fn in best:
@@ -63,7 +64,7 @@ def bench_echo_sql(spark, rows: int, repeats: int) -> None:
     bls.undeploy("chat_echo")
 
 
-def bench_smollm2_sql(spark, rows: int, max_length: int, repeats: int) -> None:
+def bench_smollm2_sql(spark, rows: int, max_length: int, repeats: int, batch: int = 8) -> None:
     from pyspark.ml.functions import predict_batch_udf
 
     from byzerllm_spark.backends import registry
@@ -72,7 +73,6 @@ def bench_smollm2_sql(spark, rows: int, max_length: int, repeats: int) -> None:
 
     questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(rows)]
     params = [{"instruction": q, "temperature": 0, "max_length": max_length} for q in questions]
-    batch = 8
 
     # (a) in-process: two backend instances, two threads, batches of 8 rows.
     config = DeployConfig(model="inproc", infer_backend="transformers", cpus_per_worker=1)
@@ -140,17 +140,21 @@ def main() -> None:
     parser.add_argument("--llm-repeats", type=int, default=2)
     parser.add_argument("--skip-models", action="store_true")
     parser.add_argument("--skip-echo", action="store_true")
+    add_smoke_flag(parser)
     args = parser.parse_args()
+    if args.smoke:
+        args.rows, args.repeats, args.llm_rows, args.llm_repeats = 20_000, 1, 4, 1
     bls.init(http_port=0, include_dashboard=False)
     spark = spark_session()
     try:
         if not args.skip_echo:
             bench_echo_sql(spark, args.rows, args.repeats)
         if not args.skip_models:
-            bench_smollm2_sql(spark, args.llm_rows, 32, args.llm_repeats)
+            bench_smollm2_sql(spark, args.llm_rows, 8 if args.smoke else 32, args.llm_repeats, 2 if args.smoke else 8)
     finally:
         spark.stop()
         bls.shutdown()
+    finish("bench_spark")
 
 
 if __name__ == "__main__":

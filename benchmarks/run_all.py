@@ -1,0 +1,152 @@
+"""Run every benchmark at full size and write ``benchmarks/results.json`` and ``results.md``.
+
+    .venv/bin/python benchmarks/run_all.py                    # all, full size (an hour or more on 2 cores)
+    .venv/bin/python benchmarks/run_all.py --only serving     # some; the others' last results are kept
+    .venv/bin/python benchmarks/run_all.py --smoke --out /tmp/x   # tiny sizes, the check CI runs
+
+Each benchmark runs in its own process and records its figures through ``_common.finish``, which
+fails a run whose figure or baseline is zero, nan or infinite. Every bench's entry carries the
+date, commit and machine of the run that produced it, and the README's measured figures are taken
+from ``results.md``. Exits 1 naming each bench that failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+#: name -> the script and its full-size arguments (the defaults unless noted).
+BENCHES = {
+    "serving": ["bench_serving.py"],
+    "spark": ["bench_spark.py"],
+    "saas": ["bench_saas.py"],
+    "finetune": ["bench_finetune.py"],
+    "model_table": ["bench_model_table.py"],
+}
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def machine() -> dict:
+    try:
+        with open("/proc/meminfo") as f:
+            mem_gib = round(int(f.readline().split()[1]) / 2**20, 1)
+    except OSError:
+        mem_gib = None
+    try:
+        gpu = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        gpu = None
+    return {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
+            "memory_gib": mem_gib, "gpu": gpu, "load_average": [round(x, 1) for x in os.getloadavg()]}
+
+
+def run_bench(name: str, smoke: bool, timeout: float) -> dict:
+    script, *extra = BENCHES[name]
+    command = [sys.executable, script, *extra] + (["--smoke"] if smoke else [])
+    with tempfile.NamedTemporaryFile(suffix=".jsonl", delete=False) as f:
+        sink = f.name
+    env = {**os.environ, "BENCH_RESULTS": sink}
+    print(f"== {name}: {' '.join(command[1:])}", flush=True)
+    start = time.perf_counter()
+    entry = {"bench": name, "command": "benchmarks/" + " ".join(command[1:]),
+             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+             "commit": _git("rev-parse", "--short", "HEAD") + ("+uncommitted" if _git("status", "--porcelain") else ""),
+             "machine": machine(), "smoke": smoke}
+    try:
+        proc = subprocess.run(command, cwd=HERE, env=env, timeout=timeout, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+        rc, output = proc.returncode, proc.stdout
+    except subprocess.TimeoutExpired as exc:
+        rc, output = "timeout", (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+    entry["seconds"] = round(time.perf_counter() - start, 1)
+    with open(sink) as f:
+        entry["figures"] = [json.loads(line) for line in f if line.strip()]
+    os.unlink(sink)
+    entry["ok"] = rc == 0
+    if rc != 0:
+        entry["error"] = f"exit {rc}: " + output[-2000:]
+    print(output, end="", flush=True)
+    print(f"== {name}: {'ok' if rc == 0 else 'FAILED (' + str(rc) + ')'} in {entry['seconds']} s", flush=True)
+    return entry
+
+
+def _num(value, unit: str = "") -> str:
+    if value is None:
+        return "–"
+    text = f"{value:,.2f}" if abs(value) < 100 else f"{value:,.0f}"
+    return f"{text} {unit}".strip()
+
+
+def markdown(results: dict) -> str:
+    lines = ["# Benchmark results", "",
+             "Written by `.venv/bin/python benchmarks/run_all.py`; each bench's figures are from the run named in "
+             "its heading (date, commit, machine). Baselines are measured in the same run.", ""]
+    for name, entry in results["benches"].items():
+        m = entry["machine"]
+        lines += [f"## {name}: `{entry['command']}`", "",
+                  f"{entry['date']}, commit {entry['commit']}, {m['cpus']} CPUs, {m['memory_gib']} GiB, "
+                  f"GPU: {m['gpu'] or 'none'}, load average at start {m['load_average']}, {entry['seconds']} s"
+                  + (" (SMOKE sizes: not figures to quote)" if entry["smoke"] else "")
+                  + ("" if entry["ok"] else " — **FAILED**: " + entry.get("error", "").splitlines()[0]), ""]
+        if entry["figures"]:
+            lines += ["| figure | measured | baseline (same run) | ratio | target |", "| --- | --- | --- | --- | --- |"]
+            for r in entry["figures"]:
+                measured = _num(r["figure"], r["unit"]) + (f" ({r['note']})" if r.get("note") else "")
+                lines.append(f"| {r['title']} | {measured} | {_num(r['baseline'], r['unit'])} | {_num(r['ratio'])} "
+                             f"| {r.get('target') or '–'} |")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default=",".join(BENCHES), help=f"comma-separated, of {', '.join(BENCHES)}")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes; checks every figure is finite and > 0")
+    parser.add_argument("--out", default=None, help="folder for results.json/results.md (default: benchmarks/; "
+                        "with --smoke, nothing is written unless given)")
+    parser.add_argument("--timeout", type=float, default=3 * 3600, help="seconds per bench")
+    args = parser.parse_args()
+    names = [n for n in args.only.split(",") if n]
+    unknown = [n for n in names if n not in BENCHES]
+    if unknown:
+        raise SystemExit(f"--only: {unknown} not benches; available: {', '.join(BENCHES)}")
+    out = args.out or (None if args.smoke else HERE)
+    previous: dict = {}
+    if out and os.path.exists(os.path.join(out, "results.json")):
+        with open(os.path.join(out, "results.json")) as f:
+            previous = json.load(f).get("benches", {})
+    entries = {name: run_bench(name, args.smoke, args.timeout) for name in names}
+    failed = [n for n, e in entries.items() if not e["ok"]]
+    if out:
+        benches = {n: previous[n] for n in BENCHES if n in previous and n not in entries}
+        benches.update(entries)
+        results = {"written": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                   "benches": {n: benches[n] for n in BENCHES if n in benches}}
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "results.json"), "w") as f:
+            json.dump(results, f, indent=1)
+        with open(os.path.join(out, "results.md"), "w") as f:
+            f.write(markdown(results))
+        print(f"wrote {os.path.join(out, 'results.json')} and results.md", flush=True)
+    if failed:
+        raise SystemExit(f"benchmarks failed: {', '.join(failed)} (see the output above)")
+
+
+if __name__ == "__main__":
+    main()
