@@ -7,11 +7,15 @@ other address needs ``auth_token``: every route then requires ``Authorization: B
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import socket
+import tempfile
 import time
-from dataclasses import dataclass
+import uuid
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from . import _kv, auth, transport
@@ -23,6 +27,8 @@ from .settings import (
     LOOPBACK_HOSTS,
     MIN_TOKEN_LENGTH,
     NAMESPACE,
+    home_dir,
+    home_path,
 )
 
 logger = logging.getLogger(__name__)
@@ -57,6 +63,55 @@ def _free_port(host: str) -> int:
         return sock.getsockname()[1]
 
 
+# Quiet by default. Ray's and Serve's own messages (components starting, routes, replica counts,
+# slow-start notices, Serve's shutdown retries) and the workers' progress bars describe their machinery,
+# not the user's work: below INFO only their errors print. What a user can act on reaches them as this
+# library's warnings and errors (a model that cannot load, resources that do not fit, a bad row).
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_VERBOSE_LEVELS = ("DEBUG", "INFO")
+
+
+def _set_log_level(log_level: str | None) -> str:
+    """Apply ``log_level`` (else ``$BYZERLLM_LOG_LEVEL``, default WARNING) to this library's logger."""
+    from .settings import LOG_LEVEL_ENV
+    from .settings import log_level as configured_level
+
+    if log_level is not None:
+        if not isinstance(log_level, str) or log_level.upper() not in _LOG_LEVELS:
+            raise ConfigError(bad_value("log_level", log_level, "use 'WARNING' (default), 'INFO', 'DEBUG' or 'ERROR'"))
+        # Read again by the Serve applications' logging config and by Spark's local Python workers.
+        os.environ[LOG_LEVEL_ENV] = log_level.upper()
+    level = configured_level()
+    if level not in _LOG_LEVELS:
+        raise ConfigError(bad_value(f"${LOG_LEVEL_ENV}", level, "use WARNING (the default), INFO, DEBUG or ERROR"))
+    library = logging.getLogger("byzerllm_spark")
+    library.setLevel(level)
+    if level in _VERBOSE_LEVELS and not library.handlers and not logging.getLogger().handlers:
+        library.addHandler(logging.StreamHandler())  # Python prints nothing below WARNING without a handler
+    return level
+
+
+def serve_logging_config() -> dict[str, Any]:
+    """Serve's logging, for its controller and proxy and for our applications: no per-request access log
+    (it costs more than the echo model's work); Ray's and Serve's own messages at ERROR, or at this
+    library's level when that is INFO or DEBUG."""
+    from .settings import log_level
+
+    level = log_level()
+    return {"enable_access_log": False, "log_level": level if level in _VERBOSE_LEVELS else "ERROR"}
+
+
+def _quiet_workers(runtime_env: dict | None, level: str) -> dict | None:
+    """The job's ``runtime_env`` with ``TQDM_DISABLE=1`` for its workers below INFO: a replica's stderr is
+    not a terminal, and a model load's progress bars (transformers' GGUF conversion) are dozens of lines
+    there. Serve applications inherit the job's runtime_env. The caller's own env_vars win."""
+    if level in _VERBOSE_LEVELS:
+        return runtime_env
+    env = dict(runtime_env or {})
+    env["env_vars"] = {"TQDM_DISABLE": "1", **(env.get("env_vars") or {})}
+    return env
+
+
 def init(
     ray_address: str | None = None,
     *,
@@ -69,12 +124,17 @@ def init(
     include_dashboard: bool | None = None,
     runtime_env: dict | None = None,
     auth_token: str | None = None,
+    log_level: str | None = None,
 ) -> ClusterInfo:
     """Connect to (or start) Ray and Ray Serve. Safe to call twice.
 
     Args:
-        ray_address: None starts an embedded local Ray; ``"auto"`` or ``"ray://host:10001"`` or
-            ``"host:6379"`` joins an existing cluster (Byzer-LLM's ``rayAddress``).
+        ray_address: None joins the local cluster this library runs on this machine (``byzerllm
+            start``'s, else one a plain ``init()`` embedded in another Python process), or else starts
+            an embedded local Ray that later drivers join; with ``num_cpus``, ``num_gpus``,
+            ``http_port``, ``include_dashboard`` or another ``http_host`` it always starts a private
+            embedded Ray. ``"auto"`` or ``"ray://host:10001"`` or ``"host:6379"`` joins an existing
+            cluster (Byzer-LLM's ``rayAddress``).
         http_host: address Serve's HTTP proxy binds. Keep 127.0.0.1 unless executors on other
             machines must reach it; any other address requires ``auth_token``.
         http_port: port of the proxy; None takes 8000, or a free port when 8000 is taken.
@@ -88,6 +148,10 @@ def init(
             unless the request sends ``Authorization: Bearer <token>``; ``bls.chat`` and the Spark
             functions send it (executors read ``$BYZERLLM_AUTH_TOKEN``: on a Spark cluster set
             ``spark.executorEnv.BYZERLLM_AUTH_TOKEN``). The cluster stores only its sha256.
+        log_level: ``"WARNING"`` (default; ``$BYZERLLM_LOG_LEVEL``) prints this library's warnings and
+            errors and only the errors of Ray and Serve; ``"INFO"`` or ``"DEBUG"`` bring back Ray's and
+            Serve's logs and the workers' progress bars. Sets ``$BYZERLLM_LOG_LEVEL`` for this process.
+            Ray's and Serve's own processes take the level they were started with.
 
     Returns:
         ClusterInfo with the Ray address and the HTTP endpoint.
@@ -103,6 +167,7 @@ def init(
     """
     import ray
 
+    level = _set_log_level(log_level)
     token = _check_auth(http_host, auth_token)
     if _state["info"] is not None and ray.is_initialized():
         if token:
@@ -111,9 +176,19 @@ def init(
 
     if spark is not None and ray_on_spark_workers:
         ray_address = _start_ray_on_spark(spark, ray_on_spark_workers)
+    # A plain init() shares: it joins this library's local cluster, or starts one that others join.
+    # Options that shape a new Ray (as the tests and benchmarks pass) ask for a private one.
+    shared = ray_address is None and http_host == "127.0.0.1" and (num_cpus, num_gpus, http_port,
+                                                                    include_dashboard) == (None,) * 4
+    if shared:
+        ray_address = _join_local()
 
     embedded = ray_address is None
-    init_kwargs: dict[str, Any] = {"namespace": NAMESPACE, "ignore_reinit_error": True, "log_to_driver": True}
+    init_kwargs: dict[str, Any] = {
+        "namespace": NAMESPACE, "ignore_reinit_error": True, "log_to_driver": True,
+        "logging_level": serve_logging_config()["log_level"],
+    }
+    runtime_env = _quiet_workers(runtime_env, level)
     if runtime_env:
         init_kwargs["runtime_env"] = runtime_env
     if embedded:
@@ -142,7 +217,9 @@ def init(
     transport.set_auth_token(token)
     if token:
         # Spark's Python workers (local mode) inherit the driver's environment: they send it too.
-        os.environ.setdefault(AUTH_TOKEN_ENV, token)
+        if AUTH_TOKEN_ENV not in os.environ:
+            os.environ[AUTH_TOKEN_ENV] = token
+            _state["set_env_token"] = True  # undone by shutdown()
     dashboard = getattr(context, "dashboard_url", None) if context is not None else None
     info = ClusterInfo(
         ray_address=ray.get_runtime_context().gcs_address,
@@ -151,6 +228,8 @@ def init(
         dashboard_url=f"http://{dashboard}" if dashboard else None,
     )
     _state["info"] = info
+    if shared and embedded and context is not None:
+        _record_embedded(info.ray_address)  # now that Serve is up: other drivers join a complete cluster
     logger.info("byzerllm_spark: Ray at %s, Serve endpoint %s", info.ray_address, info.endpoint)
     return info
 
@@ -184,6 +263,8 @@ auth_token = transport.auth_token
 def _start_serve(http_host: str, http_port: int | None, token: str | None = None) -> str:
     from ray import serve
 
+    # Importing ray.serve sets its driver-side logger to INFO ("Connecting to existing Serve app...").
+    logging.getLogger("ray.serve").setLevel(serve_logging_config()["log_level"])
     if http_port is not None and (not isinstance(http_port, int) or not 0 <= http_port < 65536):
         raise ConfigError(bad_value("http_port", http_port, "use an integer port such as 8000, or None"))
     existing = _kv.get(KV_ENDPOINT)
@@ -203,7 +284,8 @@ def _start_serve(http_host: str, http_port: int | None, token: str | None = None
         http_port = _free_port(http_host)
     for attempt in range(3):
         try:
-            serve.start(proxy_location="HeadOnly", http_options={"host": http_host, "port": http_port})
+            serve.start(proxy_location="HeadOnly", http_options={"host": http_host, "port": http_port},
+                        logging_config=serve_logging_config())
             break
         except Exception as exc:
             # On a loaded machine the proxy can miss its first readiness check; Serve then
@@ -269,16 +351,321 @@ def shutdown() -> None:
         _state["info"] = None
         return
     if _state["started_ray"]:
-        from ray import serve
-
-        try:
-            serve.shutdown()
-        except Exception:  # pragma: no cover - best effort on the way out
-            logger.debug("serve.shutdown failed", exc_info=True)
+        # ray.shutdown() below stops every process of the embedded cluster, Serve's included. A
+        # serve.shutdown() first only adds "Task ServeController.graceful_shutdown failed ... will be
+        # retried": Serve's controller kills itself while that call is in flight.
+        _forget_embedded()
     if _state.get("ray_on_spark"):
         from ray.util.spark import shutdown_ray_cluster
 
         shutdown_ray_cluster()
     ray.shutdown()
     transport.set_auth_token(None)
+    if _state.pop("set_env_token", False):
+        os.environ.pop(AUTH_TOKEN_ENV, None)
     _state.update(info=None, started_ray=False, ray_on_spark=None)
+
+
+# A local cluster that other processes join.
+#
+# A second driver on this machine (a new notebook kernel, a script, the `byzerllm` command) that calls
+# plain ``init()`` joins a cluster this library started here instead of starting an empty one. Each
+# such cluster leaves a record in ``<home>/clusters/``: ``local.json`` for the one ``byzerllm start``
+# runs (``ray start --head --block``; it outlives the command), ``embedded-<pid>.json`` for a Ray
+# embedded in a Python process (it lives as long as that process). A record counts only while its
+# owner process (pid and start time) is alive and the cluster's GCS port answers.
+
+STARTED = "byzerllm start"
+EMBEDDED = "embedded"
+_STARTED_RECORD = "local.json"
+RAY_AUTH_MODE_ENV = "RAY_AUTH_MODE"
+#: Set in the environment of ``ray start``, which every process of that cluster inherits: ``stop`` ends
+#: the processes that carry the value of its record, never a stranger that reused a pid.
+_INSTANCE_ENV = "BYZERLLM_LOCAL_CLUSTER"
+_START_TIMEOUT_S = 120.0
+
+
+@dataclass(frozen=True)
+class LocalCluster:
+    """A cluster on this machine, as recorded by the process that started it."""
+
+    ray_address: str
+    #: The owner: ``ray start --block`` (its session holds every process of the cluster), or the
+    #: Python process that embeds Ray.
+    pid: int
+    #: The owner's start time (``psutil.Process.create_time``): a reused pid is not the owner.
+    started: float
+    kind: str  # STARTED or EMBEDDED
+    host: str
+    record: str
+    #: ``RAY_AUTH_MODE`` of the cluster: ``"token"`` (Ray's default for a new local cluster) or not.
+    ray_auth_mode: str | None = None
+    log: str | None = None
+    #: ``$BYZERLLM_LOCAL_CLUSTER`` of its processes (started clusters only).
+    instance: str | None = None
+
+
+def _records_dir() -> str:
+    return home_path("clusters")
+
+
+def _process_start(pid: int) -> float | None:
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
+
+
+def _write_record(cluster: LocalCluster) -> None:
+    os.makedirs(os.path.dirname(cluster.record), exist_ok=True)
+    partial = f"{cluster.record}.{os.getpid()}.tmp"
+    with open(partial, "w", encoding="utf-8") as fh:
+        json.dump(asdict(cluster), fh)
+    os.replace(partial, cluster.record)  # readers never see half a record
+
+
+def _read_record(path: str) -> LocalCluster | None:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return LocalCluster(**{**json.load(fh), "record": path})
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _remove_record(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def _alive(cluster: LocalCluster) -> bool:
+    started = _process_start(cluster.pid)
+    if started is None or abs(started - cluster.started) > 1:
+        return False
+    host, _, port = cluster.ray_address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=2).close()
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def find_local_cluster() -> LocalCluster | None:
+    """The running cluster this library started on this machine (``byzerllm start``'s first, else the
+    newest embedded one), or None. Removes the records of clusters that are gone."""
+    directory = _records_dir()
+    try:
+        names = sorted(os.listdir(directory))
+    except FileNotFoundError:
+        return None
+    here = socket.gethostname()
+    running = []
+    for name in names:
+        if not name.endswith(".json"):
+            continue
+        cluster = _read_record(os.path.join(directory, name))
+        if cluster is None or cluster.host != here:  # a home shared with other machines
+            continue
+        if _alive(cluster):
+            running.append(cluster)
+        else:
+            _remove_record(cluster.record)
+    running.sort(key=lambda c: (c.kind == STARTED, c.started), reverse=True)
+    return running[0] if running else None
+
+
+def _join_local() -> str | None:
+    """The hook of a plain ``init()``: the address of the running local cluster, or None."""
+    import ray
+
+    if ray.is_initialized():
+        return None
+    cluster = find_local_cluster()
+    if cluster is None:
+        return None
+    logger.info("joining the local cluster (%s) at %s", cluster.kind, cluster.ray_address)
+    _use_ray_auth(cluster.ray_auth_mode)
+    return cluster.ray_address
+
+
+def _use_ray_auth(mode: str | None) -> None:
+    """Send Ray's auth token to a cluster that wants one. Ray itself turns token mode on only for a
+    cluster it finds on its own (``address="auto"``), never for an address it is given."""
+    import sys
+
+    if mode != "token" or os.environ.get(RAY_AUTH_MODE_ENV) == "token":
+        return
+    os.environ[RAY_AUTH_MODE_ENV] = "token"
+    if "ray._raylet" in sys.modules:
+        # Ray read its config at import; refresh it, as Ray does when it enables token mode itself.
+        from ray._raylet import Config
+
+        Config.initialize("")
+
+
+def _record_embedded(ray_address: str) -> None:
+    pid = os.getpid()
+    record = os.path.join(_records_dir(), f"embedded-{pid}.json")
+    try:
+        _write_record(LocalCluster(ray_address, pid, _process_start(pid) or 0.0, EMBEDDED, socket.gethostname(),
+                                   record, os.environ.get(RAY_AUTH_MODE_ENV)))
+        _state["local_record"] = record
+    except OSError as exc:  # other drivers will not find it; this one works all the same
+        logger.warning("cannot record the local cluster in %s: %s", record, exc)
+
+
+def _forget_embedded() -> None:
+    record = _state.pop("local_record", None)
+    if record:
+        _remove_record(record)
+
+
+def _ray_temp_dir() -> str:
+    # Ray's own temp dir, one per home. Not /tmp/ray: `ray start` writes its address there
+    # (ray_current_cluster), and every plain `ray.init()` on the machine would then join this
+    # cluster. Short, because Ray's socket paths below it must stay under 107 characters.
+    digest = hashlib.sha256(home_dir().encode()).hexdigest()[:10]
+    return os.path.join(tempfile.gettempdir(), f"byzerllm-ray-{digest}")
+
+
+def start_local_cluster(
+    *,
+    num_cpus: int | None = None,
+    num_gpus: int | None = None,
+    http_port: int | None = None,
+    include_dashboard: bool = True,
+) -> tuple[LocalCluster, ClusterInfo]:
+    """Start a Ray head and Serve on 127.0.0.1 that outlive this process (``byzerllm start``).
+
+    Ray runs as ``ray start --head --block`` in a session of its own, so :func:`stop_local_cluster`
+    stops exactly its processes; Serve's controller is a detached actor of that cluster. Other drivers
+    on this machine join it with plain ``init()``.
+
+    Args:
+        num_cpus, num_gpus: resources of the cluster (default: what the machine has).
+        http_port: port of Serve's proxy; None takes 8000, or a free port when 8000 is taken.
+        include_dashboard: start Ray's dashboard (detached finetune jobs need it).
+
+    Returns:
+        The record of the cluster and this process's connection to it.
+
+    Raises:
+        ClusterError: one is already running, or Ray or Serve did not start (the message names the log).
+    """
+    import subprocess
+    import sys
+
+    record = os.path.join(_records_dir(), _STARTED_RECORD)
+    running = _read_record(record)
+    if running is not None and _alive(running):
+        raise ClusterError(
+            f"a local cluster is already running at {running.ray_address} (started by `byzerllm start`, "
+            f"pid {running.pid}); stop it first with `byzerllm stop`"
+        )
+    os.makedirs(_records_dir(), exist_ok=True)
+    port = 6379 if _port_free("0.0.0.0", 6379) else _free_port("127.0.0.1")
+    command = [
+        sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
+        "--node-ip-address", "127.0.0.1", "--port", str(port), "--temp-dir", _ray_temp_dir(),
+        "--include-dashboard", str(include_dashboard).lower(), "--dashboard-host", "127.0.0.1",
+        # Fixed defaults (8265, 10001, 52365) would clash with any other Ray on the machine.
+        "--dashboard-port", str(_free_port("127.0.0.1")),
+        "--ray-client-server-port", str(_free_port("127.0.0.1")),
+        "--dashboard-agent-listen-port", str(_free_port("127.0.0.1")),
+        "--disable-usage-stats",
+        # As for the embedded Ray: model workers at Ray's default nice 15 lose the CPU to Spark.
+        "--system-config", json.dumps({"worker_niceness": 0}),
+    ]
+    if num_cpus is not None:
+        command += ["--num-cpus", str(num_cpus)]
+    if num_gpus is not None:
+        command += ["--num-gpus", str(num_gpus)]
+    log = os.path.join(_records_dir(), "local.log")
+    # Token auth unless the user opted out, as Ray does for a local cluster it starts in ray.init().
+    auth_mode = os.environ.get(RAY_AUTH_MODE_ENV) or "token"
+    if auth_mode == "token":  # creates ~/.ray/auth_token when there is none (the token goes nowhere else)
+        subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "get-auth-token", "--generate"],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+    # No drain on stop: it waits up to 30 s for proxies that a local cluster has no one to hand over to.
+    instance = uuid.uuid4().hex
+    env = dict(os.environ, RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0", **{RAY_AUTH_MODE_ENV: auth_mode,
+                                                                        _INSTANCE_ENV: instance})
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True, env=env)
+    cluster = LocalCluster(f"127.0.0.1:{port}", proc.pid, _process_start(proc.pid) or 0.0, STARTED,
+                           socket.gethostname(), record, auth_mode, log, instance)
+    try:
+        deadline = time.monotonic() + _START_TIMEOUT_S
+        while _port_free("0.0.0.0", port):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise ClusterError(f"`ray start` did not start (exit code {proc.poll()}); see {log}")
+            time.sleep(0.2)
+        _use_ray_auth(auth_mode)
+        info = init(ray_address=cluster.ray_address, http_port=http_port)
+        cluster = replace(cluster, ray_address=info.ray_address)
+        _write_record(cluster)
+    except BaseException:
+        shutdown()
+        _stop_session(cluster, timeout=30)
+        raise
+    return cluster, info
+
+
+def stop_local_cluster(timeout: float = 60) -> LocalCluster | None:
+    """Stop the cluster :func:`start_local_cluster` started (``byzerllm stop``), and nothing else.
+
+    Every process of its session gets SIGTERM (``ray start --block`` stops its own), and SIGKILL after
+    ``timeout`` seconds. Returns its record, or None when none was running.
+    """
+    record = os.path.join(_records_dir(), _STARTED_RECORD)
+    cluster = _read_record(record)
+    if cluster is None:
+        return None
+    if _state["info"] is not None and _state["info"].ray_address == cluster.ray_address:
+        shutdown()  # this process is one of its drivers: disconnect first
+    _stop_session(cluster, timeout)
+    _remove_record(record)
+    return cluster
+
+
+def local_cluster_processes(cluster: LocalCluster) -> list[Any]:
+    """The live processes of a started cluster (``psutil.Process``): those of its owner's session that
+    carry its instance in their environment, zombies left out."""
+    import psutil
+
+    if cluster.kind != STARTED or not cluster.instance:
+        return []
+    found = []
+    for proc in psutil.process_iter(["status"]):
+        try:
+            if (os.getsid(proc.pid) == cluster.pid and proc.info["status"] != psutil.STATUS_ZOMBIE
+                    and proc.environ().get(_INSTANCE_ENV) == cluster.instance):
+                found.append(proc)
+        except (OSError, psutil.Error):
+            continue
+    return found
+
+
+def _stop_session(cluster: LocalCluster, timeout: float) -> None:
+    import psutil
+
+    def signal_all(procs: list[Any], how: str) -> None:
+        for proc in procs:
+            try:
+                getattr(proc, how)()
+            except psutil.Error:
+                pass
+
+    # On SIGTERM, `ray start --block` stops the processes it started, in order.
+    owner = [p for p in local_cluster_processes(cluster) if p.pid == cluster.pid]
+    signal_all(owner, "terminate")
+    psutil.wait_procs(owner, timeout=timeout)
+    rest = local_cluster_processes(cluster)
+    signal_all(rest, "terminate")
+    _, left = psutil.wait_procs(rest, timeout=5)
+    signal_all(left, "kill")
+    psutil.wait_procs(left, timeout=5)
