@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 
 import pytest
 
@@ -14,6 +15,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # this interpreter so they see the same packages (the README's command does not activate .venv).
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+# The library's folder (jobs, tables, caches, the local cluster record) stays inside the test run:
+# nothing of the user's ~/.byzerllm_spark is read or joined, and nothing is left there.
+os.environ.setdefault("BYZERLLM_HOME", tempfile.mkdtemp(prefix="byzerllm-tests-"))
 
 
 @pytest.fixture(scope="session")
