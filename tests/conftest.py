@@ -17,7 +17,16 @@ os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
 # The library's folder (jobs, tables, caches, the local cluster record) stays inside the test run:
 # nothing of the user's ~/.byzerllm_spark is read or joined, and nothing is left there.
-os.environ.setdefault("BYZERLLM_HOME", tempfile.mkdtemp(prefix="byzerllm-tests-"))
+_TEMP_HOME = None if os.environ.get("BYZERLLM_HOME") else tempfile.mkdtemp(prefix="byzerllm-tests-")
+if _TEMP_HOME:
+    os.environ["BYZERLLM_HOME"] = _TEMP_HOME
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _TEMP_HOME:
+        import shutil
+
+        shutil.rmtree(_TEMP_HOME, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
