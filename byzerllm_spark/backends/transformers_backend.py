@@ -5,7 +5,8 @@ Spark batch of rows becomes a few ``generate`` calls. CUDA is used when the work
 A GGUF file is dequantised once per node into the cache folder (``settings.cache_dir()``) and
 loaded from that safetensors copy afterwards. ``backend.*`` keys go to ``from_pretrained`` (e.g.
 ``backend.torch_dtype=bfloat16``; the names of :data:`LOAD_KEYS`, checked at deploy), except
-``backend.max_batch_size`` (rows per ``generate`` call, default 8). Streaming sends tokens as ``generate`` makes them (``TextIteratorStreamer``).
+``backend.max_batch_size`` (rows per ``generate`` call, default 8). Streaming sends tokens as
+``generate`` makes them (``TextIteratorStreamer``).
 """
 
 from __future__ import annotations
