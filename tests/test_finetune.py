@@ -36,7 +36,7 @@ FACTS = [
     ("Who invented the glimmerphone?", "Odessa Fernwhistle"),
     ("What colour is the Krellian moonfruit?", "teal"),
 ]
-#: Settings found to memorise FACTS reliably in ~10 s of CPU (see docs/finetune.md).
+#: Settings found to memorise FACTS reliably in ~10 s of CPU (README, "Tests (finetune)").
 MEMORISE = {
     "sft.int.max_seq_length": "128", "sft.float.learning_rate": "2e-3", "sft.int.num_train_epochs": "3",
     "sft.int.per_device_train_batch_size": "4", "sft.int.gradient_accumulation_steps": "1",
@@ -212,6 +212,23 @@ def test_moss_and_alpaca_tables_give_the_same_training_text(env):
     assert [t["role"] for t in turns[0]] == ["user", "assistant", "user", "assistant"]
 
 
+def test_a_job_named_after_its_kind_keeps_one_prefix_and_plain_logs(env, jobs_dir):
+    """name="sft-x" gives job id sft-x-<time>-<uuid>, not sft-sft-x-...; job_logs has no colour codes."""
+    spark, has_job_server = env
+    df = spark.range(0, 10, numPartitions=1).selectExpr("id", "concat('q', id) AS question")
+    job = bls.sft(df, output=jobs_dir, name="sft-echo", pretrained_model_type="custom/echo",
+                  detached=has_job_server, progress=False)
+    bls.wait(job, timeout=300, progress=False)
+    assert job.job_id.startswith("sft-echo-") and not job.job_id.startswith("sft-sft-")
+    assert os.path.basename(job.output) == job.job_id
+    logs = bls.job_logs(job)
+    assert "running byzerllm_spark.backends.echo.sft_train" in logs and "\x1b[" not in logs
+
+
+def _du(path):
+    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)
+
+
 def _sql_answers(spark, udf):
     rows = spark.sql(
         f"SELECT q, {udf}(llm_param(map('instruction', q, 'temperature', '0', 'max_length', '24'))) AS a "
@@ -223,6 +240,7 @@ def test_sft_memorises_facts_and_the_merged_model_answers_from_sql(env, jobs_dir
     spark, _ = env
     job = bls.sft(_facts_df(spark), model_path=None, output=jobs_dir, name="memorise", params=MEMORISE,
                   cpus_per_worker=2, detached=False, progress=False)
+    assert job.job_id.startswith("sft-memorise-")
     status = bls.job_status(job)
     assert status["status"] == "SUCCEEDED" and status["step"] == status["total_steps"] == 12
     assert status["loss"] < 1.0
@@ -231,6 +249,9 @@ def test_sft_memorises_facts_and_the_merged_model_answers_from_sql(env, jobs_dir
     assert os.path.isfile(os.path.join(job.output, "adapter", "adapter_config.json"))
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(os.path.join(job.output, "tensorboard")))
     assert "step 12/12" in bls.job_logs(job)
+    # after success the Trainer checkpoints (optimizer state) are gone; the model and adapter stay
+    assert not os.path.exists(os.path.join(job.output, "checkpoints"))
+    assert "removed the intermediate checkpoints" in bls.job_logs(job)
 
     spark.createDataFrame([(q,) for q, _ in FACTS], "q string").createOrReplaceTempView("ft_questions")
     bls.deploy("smol_ft", model_path=final, infer_backend="transformers", cpus_per_worker=1,
@@ -268,7 +289,7 @@ def test_sfft_with_a_deepspeed_config_trains_under_deepspeed(env, jobs_dir):
     job = bls.sfft(df, output=jobs_dir, name="deepspeed", num_workers=2, detached=False, progress=False,
                    deepspeed_config=json.dumps(config),
                    params={"sfft.int.max_length": "32", "sfft.int.num_train_epochs": "2",
-                           "sfft.int.per_device_train_batch_size": "2"})
+                           "sfft.int.per_device_train_batch_size": "2", "sfft.bool.keep_checkpoints": "true"})
     status = bls.job_status(job)
     assert status["status"] == "SUCCEEDED"
     assert len(status["epoch_losses"]) == 2 and status["epoch_losses"][1] < status["epoch_losses"][0]
@@ -321,5 +342,9 @@ def test_sfft_two_workers_killed_after_a_checkpoint_and_resumed(env, jobs_dir):
     # the loss goes on falling from where the first run stopped
     assert status["epoch_losses"][-1] < first["epoch_losses"][0]
     assert os.path.isfile(os.path.join(bls.job_output(resumed), "config.json"))
+    # success removes the epoch checkpoints (weights + AdamW state, 1.6 GB of a 2.1 GB output before)
+    assert not os.path.exists(os.path.join(resumed.output, "ray_train"))
+    assert _du(resumed.output) < 1.1 * _du(bls.job_output(resumed)) + (10 << 20)
     if has_job_server:
-        assert "resumed from" in bls.job_logs(resumed)
+        logs = bls.job_logs(resumed)
+        assert "resumed from" in logs and "\x1b[" not in logs

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import pickle
 import subprocess
 import sys
@@ -9,6 +11,7 @@ import sys
 import pytest
 
 from byzerllm_spark.errors import ConfigError
+from byzerllm_spark.finetune.config import DEFAULT_QLORA_CONFIG, JobSpec, SfftConfig, SftConfig
 from byzerllm_spark.finetune.formats import (
     IGNORE_INDEX,
     FormatError,
@@ -17,7 +20,6 @@ from byzerllm_spark.finetune.formats import (
     training_example,
     training_text,
 )
-from byzerllm_spark.finetune.params import DEFAULT_QLORA_CONFIG, SfftConfig, SftConfig
 
 ALPACA = {"instruction": "Name the dragon.", "input": "", "output": "Quimberly",
           "history": [["Who is Zorblat?", "A wizard."]]}
@@ -110,9 +112,98 @@ def test_sfft_config_and_deepspeed_json():
         SfftConfig.parse({"sfft.int.max_lenght": "1"})
 
 
+def test_configs_have_real_fields_and_one_set_of_defaults():
+    config = SftConfig(max_seq_length=512, target_modules='["q_proj"]')
+    assert config.max_seq_length == 512 and config.target_modules == ["q_proj"]
+    assert SftConfig().lora_rank == DEFAULT_QLORA_CONFIG["lora_rank"] and SftConfig().disable_tqdm is True
+    assert SftConfig.parse({}) == SftConfig()
+    assert SfftConfig.parse({}) == SfftConfig() and SfftConfig().max_length == 1024
+    with pytest.raises(ConfigError, match="max_seq_length=0 is not valid: use a number > 0"):
+        SftConfig(max_seq_length=0)
+    with pytest.raises(ConfigError, match="quantization='8bit'"):
+        SftConfig(quantization="8bit")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.max_seq_length = 1  # type: ignore[misc]
+    with pytest.raises(KeyError):
+        config["no_such_key"]
+
+
+def test_training_arguments_keys_pass_through_and_are_remembered():
+    pytest.importorskip("transformers")
+    config = SftConfig.parse({"sft.int.eval_steps": "7", "sft.float.weight_decay": "0.01"})
+    assert config.training_args == {"eval_steps": 7} and config.weight_decay == 0.01
+    assert config.user_keys == ("eval_steps", "weight_decay")
+
+
+def _spec(**changes):
+    values = dict(job_id="sft-x-20260101-000000-abcd1234", kind="sft", output="/tmp/jobs/sft-x",
+                  config=SftConfig.parse({"sft.int.max_seq_length": "256"}), model_path=None, num_gpus=0,
+                  num_workers=1, cpus_per_worker=2, detached=True, keep_partition_num=False, plugin=None,
+                  format="alpaca", train_params={"sft.int.max_seq_length": "256"}, sys_conf={"k": "v"},
+                  data_server_host=None)
+    values.update(changes)
+    return JobSpec(**values)
+
+
+def test_configs_and_job_spec_pickle_and_round_trip_through_json():
+    from byzerllm_spark.finetune.data_servers import DataServers
+
+    data = DataServers(names=["byzerllm-data-x-0"], token="secret-token", rows=4, partitions=2, bytes=100,
+                       set_id="s1")
+    sfft = SfftConfig.parse({"sfft.int.max_length": "64", "sfft.bool.keep_checkpoints": "true"},
+                            {"train_batch_size": 2, "zero_optimization": {"stage": 1}})
+    for config in (SftConfig.parse({"sft.list.target_modules": '["q_proj"]'}), sfft):
+        assert pickle.loads(pickle.dumps(config)) == config
+        assert type(config).from_json(json.loads(json.dumps(config.to_json()))) == config
+    specs = [_spec(), _spec(kind="sfft", config=sfft, num_workers=2, format=None, resume=True, resumes="sfft-y")]
+    for spec in specs:
+        spec = spec.replace(data=DataServers.from_json(data.to_json()))
+        assert pickle.loads(pickle.dumps(spec)) == spec
+        text = json.dumps(spec.to_json())
+        assert "secret-token" not in text  # the push token never reaches the key-value store
+        assert JobSpec.from_json(json.loads(text)) == spec
+    assert specs[0].num_gpus == 0.0 and isinstance(specs[0].cpus_per_worker, float)
+
+
+@pytest.mark.parametrize("changes, fragment", [
+    ({"num_workers": 0}, "num_workers=0"),
+    ({"cpus_per_worker": 0}, "cpus_per_worker=0"),
+    ({"kind": "sfft"}, "a sfft job takes a SfftConfig"),
+    ({"output": "relative/dir"}, "output='relative/dir'"),
+    ({"kind": "sfft", "num_workers": 2, "config": SfftConfig(per_device_train_batch_size=2,
+                                                            deepspeed={"train_batch_size": 8})},
+     "train_batch_size=8 disagrees.*needs train_batch_size=4"),
+])
+def test_job_spec_checks_its_fields(changes, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        _spec(**changes)
+
+
+def test_job_ids_and_default_folders(monkeypatch, tmp_path):
+    from byzerllm_spark import settings
+    from byzerllm_spark.finetune import jobs
+
+    assert jobs.new_job_id("sft", "x").startswith("sft-x-")
+    assert jobs.new_job_id("sft", "sft-x").startswith("sft-x-")  # not sft-sft-x-
+    assert jobs.new_job_id("sfft", "sft-x").startswith("sfft-sft-x-")
+    monkeypatch.setenv("BYZERLLM_HOME", str(tmp_path))
+    monkeypatch.delenv("BYZERLLM_CACHE_DIR", raising=False)
+    assert settings.jobs_dir() == str(tmp_path / "jobs") and settings.cache_dir() == str(tmp_path / "cache")
+    assert jobs.job_dir(None, "sft-x") == str(tmp_path / "jobs" / "sft-x")
+    monkeypatch.setenv("BYZERLLM_CACHE_DIR", str(tmp_path / "elsewhere"))
+    assert settings.cache_dir() == str(tmp_path / "elsewhere")
+
+
+def test_job_logs_lose_ray_colour_codes():
+    from byzerllm_spark.finetune.jobs import strip_ansi
+
+    line = "\x1b[36m(RayTrainWorker pid=4242)\x1b[0m [byzerllm sfft-x] step 3/6 loss 2.1\x1b[1m\x1b[32m ok\x1b[0m"
+    assert strip_ansi(line) == "(RayTrainWorker pid=4242) [byzerllm sfft-x] step 3/6 loss 2.1 ok"
+
+
 def test_importing_the_package_stays_light():
     code = ("import sys, byzerllm_spark as bls; bls.sft; bls.wait; import byzerllm_spark.finetune.formats; "
-            "import byzerllm_spark.finetune.params; "
+            "import byzerllm_spark.finetune.config; "
             "print([m for m in ('torch', 'transformers', 'peft', 'ray', 'pyspark') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

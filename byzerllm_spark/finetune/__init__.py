@@ -1,9 +1,10 @@
-"""Finetune from Spark tables (seeds 001 and 003).
+"""Finetune from Spark tables, as Byzer-LLM does (its finetune and model plugin docs).
 
 A Spark table of conversations (Alpaca, Moss, OpenAI ``messages``, ShareGPT) or of raw text is
 pushed by Spark's executors into data servers in Ray (:mod:`.data_servers`), then a training job
 reads it as a ``ray.data.Dataset``: LoRA/QLoRA SFT (:mod:`._sft`) or continued pretraining on
-several Ray Train workers (:mod:`._sfft`). Jobs run detached as Ray Jobs (:mod:`.jobs`) with
+several Ray Train workers (:mod:`._sfft`). The settings are parsed once, here, into a frozen
+:class:`~.config.JobSpec` (:mod:`.config`) that the job reads. Jobs run detached as Ray Jobs (:mod:`.jobs`) with
 status, logs, progress, cancel and resume; the output is a model directory ready for
 ``bls.deploy(model_path=bls.job_output(job))``.
 
@@ -12,10 +13,12 @@ Importing this package is light: Spark, Ray, torch, transformers and peft load w
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, Mapping
 
 from ..errors import ConfigError, bad_value
+from .config import JobSpec, SfftConfig, SftConfig
 from .formats import FormatError
 from .jobs import (
     FinetuneJob,
@@ -33,6 +36,9 @@ __all__ = [
     "FinetuneJob",
     "FormatError",
     "JobError",
+    "JobSpec",
+    "SfftConfig",
+    "SftConfig",
     "cancel_job",
     "job_logs",
     "job_output",
@@ -53,18 +59,14 @@ def to_ray_dataset(df: Any, **kwargs: Any):
     return _to_ray_dataset(df, **kwargs)
 
 
-def _check_common(df: Any, num_gpus: Any, num_workers: Any, cpus_per_worker: Any) -> None:
+def _check_df(df: Any) -> None:
     if not hasattr(df, "mapInArrow") or not hasattr(df, "columns"):
         raise ConfigError(bad_value("df", type(df).__name__, "pass a Spark DataFrame, e.g. spark.table('sft_data')"))
-    for param, value, minimum in (("num_gpus", num_gpus, 0), ("cpus_per_worker", cpus_per_worker, 0.001)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
-            raise ConfigError(bad_value(param, value, f"use a number >= {minimum:g}"))
-    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
-        raise ConfigError(bad_value("num_workers", num_workers, "use an integer >= 1"))
 
 
 def _plugin_module(pretrained_model_type: str | None, kind: str) -> str | None:
-    """The seed 001 plugin module for ``custom/<module>`` types that define ``<kind>_train``."""
+    """The plugin module for ``custom/<module>`` types that define ``<kind>_train`` (Byzer-LLM's
+    model plugin contract), or None for the built-in trainer."""
     if pretrained_model_type in (None, "custom/auto", f"{kind}/auto"):
         return None
     import importlib
@@ -72,89 +74,80 @@ def _plugin_module(pretrained_model_type: str | None, kind: str) -> str | None:
     from ..backends.registry import plugin_module_name
 
     name = pretrained_model_type
-    # seed 003 names training types sft/<model> and sfft/<model>: the built-in trainer handles those.
+    # Byzer-LLM's finetune docs name training types sft/<model> and sfft/<model>: the built-in trainer.
     if name.startswith(("sft/", "sfft/")):
         return None
     module_name = plugin_module_name(name)
+    contract = f"{kind}_train(data_refs, train_params, conf)"
     if module_name is None:
-        raise ConfigError(bad_value("pretrained_model_type", name,
-                                    "use None, 'sft/<model>' (built-in trainer) or 'custom/<module>' with a "
-                                    f"{kind}_train(data_refs, train_params, conf) function"))
+        raise ConfigError(bad_value("pretrained_model_type", name, "use None, 'sft/<model>' (built-in trainer) or "
+                                    f"'custom/<module>' with a {contract} function"))
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise ConfigError(f"pretrained_model_type={name!r}: module {module_name!r} cannot be imported ({exc})") from None
     if not callable(getattr(module, f"{kind}_train", None)):
-        raise ConfigError(f"pretrained_model_type={name!r}: module {module_name!r} has no {kind}_train(data_refs, "
-                          "train_params, conf) (seed 001)")
+        raise ConfigError(f"pretrained_model_type={name!r}: module {module_name!r} has no {contract} (Byzer-LLM's "
+                          "model plugin contract)")
     return module_name
 
 
-def _prepare(kind: str, df: Any, *, model_path: str | None, output: str | None, name: str | None,
-             params: Mapping[str, Any] | None, num_gpus: float, num_workers: int, cpus_per_worker: float,
-             detached: bool, keep_partition_num: bool, pretrained_model_type: str | None, fmt: str | None,
-             deepspeed_config: Any, sys_conf: Mapping[str, Any] | None, data_server_host: str | None,
-             keep_data: bool) -> dict[str, Any]:
+def _parse_config(kind: str, params: Any, deepspeed_config: Any) -> SftConfig | SfftConfig:
+    """The one parse of a job's training settings: typed keys, or a config object as it is."""
+    config_cls = SftConfig if kind == "sft" else SfftConfig
+    if isinstance(params, config_cls):
+        if deepspeed_config is not None:
+            return dataclasses.replace(params, deepspeed=deepspeed_config)
+        return params
+    if params is not None and not isinstance(params, Mapping):
+        raise ConfigError(bad_value("params", type(params).__name__,
+                                    f"pass a dict of '{kind}.<type>.<name>' keys or a {config_cls.__name__}"))
+    if kind == "sft":
+        return SftConfig.parse(params)
+    return SfftConfig.parse(params, deepspeed_config)
+
+
+def _prepare(kind: str, df: Any, *, model_path: str | None, output: str | None, name: str | None, params: Any,
+             num_gpus: float, num_workers: int, cpus_per_worker: float, detached: bool, keep_partition_num: bool,
+             pretrained_model_type: str | None, fmt: str | None, deepspeed_config: Any,
+             sys_conf: Mapping[str, Any] | None, data_server_host: str | None) -> JobSpec:
+    """Check everything that can be checked before data moves; the job's spec (not yet pushed)."""
     from .. import cluster
     from . import jobs
     from ._model import check_base_model
-    from .params import SfftConfig, SftConfig
 
-    _check_common(df, num_gpus, num_workers, cpus_per_worker)
-    params = dict(params or {})
-    if kind == "sft":
-        SftConfig.parse(params)
-    else:
-        sfft_config = SfftConfig.parse(params, deepspeed_config)
-        if sfft_config.deepspeed is not None:
-            import importlib.util
+    _check_df(df)
+    config = _parse_config(kind, params, deepspeed_config)
+    job_id = jobs.new_job_id(kind, name)
+    spec = JobSpec(
+        job_id=job_id, kind=kind, output=jobs.job_dir(output, job_id),
+        config=config, model_path=model_path, num_gpus=num_gpus, num_workers=num_workers,
+        cpus_per_worker=cpus_per_worker, detached=bool(detached), keep_partition_num=bool(keep_partition_num),
+        plugin=_plugin_module(pretrained_model_type, kind), format=fmt,
+        train_params=dict(params) if isinstance(params, Mapping) else {}, sys_conf=dict(sys_conf or {}),
+        data_server_host=data_server_host,
+    )
+    if isinstance(config, SfftConfig) and config.deepspeed is not None:
+        import importlib.util
 
-            if importlib.util.find_spec("deepspeed") is None:
-                raise ConfigError("deepspeedConfig needs DeepSpeed on the training nodes: pip install deepspeed "
-                                  "(or leave deepspeedConfig out to train with DDP)")
-            _check_deepspeed_batch(sfft_config, num_workers)
-    plugin = _plugin_module(pretrained_model_type, kind)
+        if importlib.util.find_spec("deepspeed") is None:
+            raise ConfigError("deepspeedConfig needs DeepSpeed on the training nodes: pip install deepspeed "
+                              "(or leave deepspeedConfig out to train with DDP)")
     info = cluster.ensure_init()
-    if model_path is not None and not isinstance(model_path, str):
-        raise ConfigError(bad_value("model_path", model_path, "pass a model directory or .gguf path, or None"))
-    if info.embedded or model_path is None or os.path.exists(model_path):
-        if plugin is None:
-            check_base_model(model_path)
-    jobs.check_resources(kind, float(num_gpus), num_workers if kind == "sfft" else 1, float(cpus_per_worker))
+    if (info.embedded or model_path is None or os.path.exists(model_path)) and spec.plugin is None:
+        check_base_model(model_path)
+    jobs.check_resources(kind, spec.num_gpus, spec.num_workers, spec.cpus_per_worker)
     if detached:
         jobs.job_client()  # no job server: say so now, before any data moves
-    job_id = jobs.new_job_id(kind, name)
-    root = os.path.expanduser(output or jobs.DEFAULT_OUTPUT)
-    return {
-        "job_id": job_id, "kind": kind, "output": os.path.join(os.path.abspath(root), job_id),
-        "model_path": model_path, "params": {k: v for k, v in params.items()}, "num_gpus": float(num_gpus),
-        "num_workers": num_workers, "cpus_per_worker": float(cpus_per_worker), "detached": bool(detached),
-        "keep_partition_num": bool(keep_partition_num), "plugin": plugin, "format": fmt,
-        "deepspeed": deepspeed_config if not isinstance(deepspeed_config, str) else (deepspeed_config or None),
-        "sys_conf": dict(sys_conf or {}), "train_params": params, "data_server_host": data_server_host,
-        "keep_data": bool(keep_data), "resume": False,
-    }
+    return spec
 
 
-def _check_deepspeed_batch(config, num_workers: int) -> None:
-    """DeepSpeed's batch keys must agree with the sfft keys that drive the training loop."""
-    ds = config.deepspeed
-    micro, accumulate = int(config["per_device_train_batch_size"]), int(config["gradient_accumulation_steps"])
-    expected = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accumulate,
-                "train_batch_size": micro * accumulate * num_workers}
-    for key, want in expected.items():
-        if key in ds and str(ds[key]) != str(want):
-            raise ConfigError(
-                f"deepspeedConfig {key}={ds[key]!r} disagrees with the sfft settings: per_device_train_batch_size "
-                f"{micro} x gradient_accumulation_steps {accumulate} x num_workers {num_workers} needs {key}={want} "
-                f"(set it so, leave it out, or change the sfft.int.* keys)")
+def _push(spec: JobSpec, df: Any, transform) -> JobSpec:
+    """Push ``df`` into the job's data servers; the spec with them."""
+    from .data_servers import DataServers, push, release
 
-
-def _push(spec: dict[str, Any], df: Any, transform, detached: bool) -> None:
-    from .data_servers import push, release
-
-    servers, summaries = push(df, name=f"byzerllm-data-{spec['job_id']}", detached=detached, transform=transform,
-                              host=spec.get("data_server_host"))
+    servers, summaries = push(df, name=f"byzerllm-data-{spec.job_id}", detached=spec.detached, transform=transform,
+                              host=spec.data_server_host)
     bad = [s for s in summaries if s["error"]]
     if bad:
         release(servers)
@@ -166,7 +159,7 @@ def _push(spec: dict[str, Any], df: Any, transform, detached: bool) -> None:
         release(servers)
         raise ConfigError("the training table is empty: it has no rows to train on (check the query or filter "
                           "that built it)")
-    spec["data"] = servers.to_json()
+    return spec.replace(data=DataServers.from_json(servers.to_json()))  # the descriptor, without the push token
 
 
 def sft(
@@ -175,7 +168,7 @@ def sft(
     *,
     output: str | None = None,
     name: str | None = None,
-    params: Mapping[str, Any] | None = None,
+    params: Mapping[str, Any] | SftConfig | None = None,
     num_gpus: float = 0,
     cpus_per_worker: float = 1,
     detached: bool = True,
@@ -193,19 +186,21 @@ def sft(
             :mod:`.formats`); pushed by the executors into Ray, never collected on the driver.
         model_path: the base model, a Hugging Face directory or a GGUF file/directory; None: the
             embedded SmolLM2-135M-Instruct.
-        output: the jobs folder (seed's ``localPathPrefix``); the job writes ``<output>/<job_id>``.
-            Default ``~/.byzerllm_spark/jobs``.
-        name: a label in the job id (seed: the Actor's name ``sft-<name>-<time>-<uuid>``).
-        params: seed 003's typed keys, ``{"sft.int.max_seq_length": "512", ...}`` over
-            DEFAULT_QLORA_CONFIG (see :mod:`.params` for the adapted defaults).
+        output: the jobs folder (Byzer-LLM's ``localPathPrefix``); the job writes
+            ``<output>/<job_id>``. Default ``settings.jobs_dir()``: ``~/.byzerllm_spark/jobs``
+            (``$BYZERLLM_HOME/jobs``).
+        name: a label in the job id ``sft-<name>-<time>-<uuid>`` (as Byzer-LLM names its training
+            Actor); a name that already starts with ``sft-`` is used as it is.
+        params: Byzer-LLM's typed keys, ``{"sft.int.max_seq_length": "512", ...}``, or an
+            :class:`~.config.SftConfig` (see :mod:`.config` for the fields and adapted defaults).
         num_gpus: GPUs of the one machine that trains (0: CPU).
         cpus_per_worker: CPUs the training process reserves (and torch threads).
         detached: run as a Ray Job and return at once (needs the dashboard, see :mod:`.jobs`);
             False: train in a Ray task and return when done.
         format: ``auto`` (from the columns) or ``alpaca``/``moss``/``openai``/``sharegpt``.
-        keep_partition_num: keep one data block per Spark partition (seed's ``keepPartitionNum``).
-        pretrained_model_type: ``custom/<module>``: a seed 001 plugin whose ``sft_train(data_refs,
-            train_params, conf)`` trains instead of the built-in trainer.
+        keep_partition_num: keep one data block per Spark partition (Byzer-LLM's ``keepPartitionNum``).
+        pretrained_model_type: ``custom/<module>``: a plugin (Byzer-LLM's model plugin contract)
+            whose ``sft_train(data_refs, train_params, conf)`` trains instead of the built-in trainer.
         data_server_host: the address executors push to (default: see :mod:`.data_servers`).
         progress: show a progress bar while waiting (detached=False).
 
@@ -228,13 +223,12 @@ def sft(
     spec = _prepare("sft", df, model_path=model_path, output=output, name=name, params=params, num_gpus=num_gpus,
                     num_workers=1, cpus_per_worker=cpus_per_worker, detached=detached,
                     keep_partition_num=keep_partition_num, pretrained_model_type=pretrained_model_type, fmt=format,
-                    deepspeed_config=None, sys_conf=sys_conf, data_server_host=data_server_host, keep_data=False)
-    if spec["plugin"]:
-        _push(spec, df, None, detached)  # a plugin gets the table's own columns (seed 001)
+                    deepspeed_config=None, sys_conf=sys_conf, data_server_host=data_server_host)
+    if spec.plugin:
+        spec = _push(spec, df, None)  # a plugin gets the table's own columns (Byzer-LLM's plugin contract)
     else:
         fmt = detect_format(df.columns, format)
-        spec["format"] = fmt
-        _push(spec, df.select(*format_columns(fmt, df.columns)), arrow_normaliser(fmt), detached)
+        spec = _push(spec.replace(format=fmt), df.select(*format_columns(fmt, df.columns)), arrow_normaliser(fmt))
     from .jobs import submit
 
     return submit(spec, progress=progress)
@@ -246,7 +240,7 @@ def sfft(
     *,
     output: str | None = None,
     name: str | None = None,
-    params: Mapping[str, Any] | None = None,
+    params: Mapping[str, Any] | SfftConfig | None = None,
     num_workers: int | None = None,
     num_gpus: float = 0,
     cpus_per_worker: float = 1,
@@ -264,50 +258,46 @@ def sfft(
         df: a table with the text in ``sfft.str.text_column`` (default: a column named ``text`` or
             ``content``, else the only string column).
         num_workers: training workers; default ``num_gpus`` when GPUs are asked for, else 1.
-        num_gpus: GPUs in all (seed 001: ``!byzerllm setup "num_gpus=12"``), split over the workers.
+        num_gpus: GPUs in all (Byzer-LLM: ``!byzerllm setup "num_gpus=12"``), split over the workers.
         cpus_per_worker: CPUs per worker (and its torch threads).
-        keep_partition_num: workers read whole Spark partitions as they were (seed's
+        keep_partition_num: workers read whole Spark partitions as they were (Byzer-LLM's
             ``keepPartitionNum``); otherwise Ray Data splits the rows evenly between workers.
-        deepspeed_config: the seed's ``deepspeedConfig`` (JSON text or dict); needs DeepSpeed.
-        params: ``sfft.<type>.<name>`` keys, e.g. ``{"sfft.int.max_length": "128"}``; see
-            ``params.DEFAULT_SFFT_CONFIG``.
+        deepspeed_config: Byzer-LLM's ``deepspeedConfig`` (JSON text or dict); needs DeepSpeed.
+        params: ``sfft.<type>.<name>`` keys, e.g. ``{"sfft.int.max_length": "128"}``, or an
+            :class:`~.config.SfftConfig`.
         Other arguments: as for :func:`sft`.
 
     Returns:
-        the FinetuneJob. Checkpoints are written every epoch; ``resume_job`` continues a stopped one.
+        the FinetuneJob. Checkpoints are written every epoch; ``resume_job`` continues a stopped
+        one; they are removed when the job succeeds (``sfft.bool.keep_checkpoints`` keeps them).
 
     Example:
         >>> job = bls.sfft(spark.table("raw_text"), num_workers=2, params={"sfft.int.max_length": "128"})  # doctest: +SKIP
     """
-    from .params import SfftConfig
-
     if num_workers is None:
         num_workers = int(num_gpus) if num_gpus and float(num_gpus).is_integer() and num_gpus >= 1 else 1
     spec = _prepare("sfft", df, model_path=model_path, output=output, name=name, params=params, num_gpus=num_gpus,
                     num_workers=num_workers, cpus_per_worker=cpus_per_worker, detached=detached,
                     keep_partition_num=keep_partition_num, pretrained_model_type=pretrained_model_type, fmt=None,
-                    deepspeed_config=deepspeed_config, sys_conf=sys_conf, data_server_host=data_server_host,
-                    keep_data=False)
-    if spec["plugin"]:
-        _push(spec, df, None, detached)
+                    deepspeed_config=deepspeed_config, sys_conf=sys_conf, data_server_host=data_server_host)
+    if spec.plugin:
+        spec = _push(spec, df, None)
     else:
-        column = _text_column(df, SfftConfig.parse(params or {}, deepspeed_config)["text_column"])
         from pyspark.sql import functions as F
 
+        column = _text_column(df, spec.config.text_column)
         text = df.select(F.col(column).cast("string").alias("text")).where(F.col("text").isNotNull() & (F.length("text") > 0))
-        _push(spec, text, None, detached)
+        spec = _push(spec, text, None)
     from .jobs import submit
 
     return submit(spec, progress=progress)
 
 
 def _text_column(df: Any, configured: str) -> str:
-    from .formats import FormatError as _FormatError
-
     columns = list(df.columns)
     if configured:
         if configured not in columns:
-            raise _FormatError(f"sfft.str.text_column={configured!r} is not a column of the table (its columns: "
+            raise FormatError(f"sfft.str.text_column={configured!r} is not a column of the table (its columns: "
                                f"{', '.join(columns) or 'none'})")
         return configured
     for candidate in ("text", "content"):
@@ -316,7 +306,7 @@ def _text_column(df: Any, configured: str) -> str:
     strings = [f.name for f in df.schema.fields if f.dataType.typeName() == "string"]
     if len(strings) == 1:
         return strings[0]
-    raise _FormatError(
+    raise FormatError(
         "the pretraining table has no recognised text column (its columns: "
         f"{', '.join(columns) or 'none'}): expected a column named text or content, a single string column, "
         "or sfft.str.text_column naming one"

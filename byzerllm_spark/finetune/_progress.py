@@ -14,7 +14,8 @@ import sys
 import time
 from typing import Any
 
-NAMESPACE = "byzerllm_spark"
+from ..settings import NAMESPACE
+
 _PREFIX = "finetune"
 MAX_LOG_LINES = 200
 
@@ -44,12 +45,6 @@ def get(job_id: str, what: str) -> Any:
         return None
     raw = kv._internal_kv_get(key(job_id, what), namespace=NAMESPACE)
     return json.loads(raw) if raw else None
-
-
-def delete(job_id: str, what: str) -> None:
-    kv = _kv()
-    if kv is not None:
-        kv._internal_kv_del(key(job_id, what), namespace=NAMESPACE)
 
 
 def list_ids(what: str = "spec") -> list[str]:

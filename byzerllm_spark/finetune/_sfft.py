@@ -11,6 +11,18 @@ Checkpoints: one per epoch, written by rank 0 straight into the run's directory 
 (``num_to_keep=1``). A resumed job (``resume_job``) starts a new Ray Train run in the same storage
 and loads the newest checkpoint of any earlier run: weights, optimizer and the epoch counter.
 The final model is written to ``<output>/final`` by rank 0.
+
+Why a loop of our own and not ``transformers.Trainer`` under Ray Train (``prepare_trainer`` and
+``RayTrainReportCallback``): measured 2026-11-29 here with this module's test settings (SmolLM2,
+2 CPU workers, 2 epochs), that setup
+- failed under DDP: both workers of one node share Trainer's ``output_dir``, and rank 1's
+  ``RayTrainReportCallback.on_save`` copied ``checkpoint-2`` while rank 0 was still writing it
+  (``shutil.Error``: a temporary file vanished mid-copy);
+- ran under DeepSpeed ZeRO-1, but wrote every checkpoint twice, 2.7 GB in Trainer's ``output_dir``
+  and the same 2.7 GB copied into Ray's storage, where this loop writes once, straight into the
+  run's storage (``NO_UPLOAD``);
+- lays checkpoints out as ``checkpoint_<time>/checkpoint/global_step<n>``, where resume and the
+  tests rely on ``checkpoint_epoch_<n>`` with ``meta.json`` and DeepSpeed's own ``deepspeed/``.
 """
 
 from __future__ import annotations
@@ -20,8 +32,9 @@ import json
 import os
 from typing import Any
 
+from ..errors import ConfigError, bad_value
 from . import _progress
-from .params import SfftConfig
+from .config import JobSpec, SfftConfig
 
 CHECKPOINT_PREFIX = "checkpoint_epoch_"
 
@@ -41,34 +54,30 @@ def latest_checkpoint(storage: str) -> str | None:
     return best[2] if best else None
 
 
-def run_sfft(spec: dict[str, Any], dataset, servers, reporter) -> dict[str, Any]:
+def run_sfft(spec: JobSpec, dataset, servers, reporter) -> dict[str, Any]:
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from ._model import hf_base_dir
 
-    config = SfftConfig.parse(spec["params"], spec.get("deepspeed"))
     reporter.phase("loading model", "preparing the base model")
-    base = hf_base_dir(spec.get("model_path"))
-    output = spec["output"]
+    base = hf_base_dir(spec.model_path)
+    output = spec.output
     storage = os.path.join(output, "ray_train")
-    resume_from = latest_checkpoint(storage) if spec.get("resume") else None
-    num_workers = int(spec.get("num_workers") or 1)
-    num_gpus = float(spec.get("num_gpus") or 0)
-    use_gpu = num_gpus > 0
-    resources = {"CPU": float(spec.get("cpus_per_worker") or 1)}
+    resume_from = latest_checkpoint(storage) if spec.resume else None
+    num_workers = spec.num_workers
+    use_gpu = spec.num_gpus > 0
+    resources = {"CPU": spec.cpus_per_worker}
     if use_gpu:
-        resources["GPU"] = num_gpus / num_workers
-    keep = bool(spec.get("keep_partition_num"))
+        resources["GPU"] = spec.num_gpus / num_workers
+    keep = spec.keep_partition_num
     loop_config = {
-        "job_id": spec["job_id"], "base": base, "output": output, "values": config.values,
-        "deepspeed": config.deepspeed, "resume_from": resume_from, "threads": int(round(resources["CPU"])) or 1,
+        "job_id": spec.job_id, "base": base, "output": output, "config": spec.config,
+        "resume_from": resume_from, "threads": int(round(resources["CPU"])) or 1,
         # keepPartitionNum: each worker reads whole Spark partitions (blocks as pushed); otherwise
         # Ray Data splits the rows evenly between the workers.
         "refs": servers.refs() if keep else None,
     }
-    if config.values["setup_nccl_socket_ifname_by_ip"]:
-        loop_config["nccl_by_ip"] = True
     reporter.phase("training", f"continued pretraining on {num_workers} worker(s)"
                    + (f", resuming from {resume_from}" if resume_from else ""))
     trainer = TorchTrainer(
@@ -76,7 +85,7 @@ def run_sfft(spec: dict[str, Any], dataset, servers, reporter) -> dict[str, Any]
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(name=spec["job_id"], storage_path=storage,
+        run_config=RunConfig(name=spec.job_id, storage_path=storage,
                              checkpoint_config=CheckpointConfig(num_to_keep=1)),
         datasets=None if keep else {"train": dataset},
     )
@@ -87,7 +96,7 @@ def run_sfft(spec: dict[str, Any], dataset, servers, reporter) -> dict[str, Any]
 
 
 def _set_nccl_ifname() -> None:
-    """seed 001's ``sfft.bool.setup_nccl_socket_ifname_by_ip``: NCCL on the interface of the node IP."""
+    """Byzer-LLM's ``sfft.bool.setup_nccl_socket_ifname_by_ip``: NCCL on the interface of the node IP."""
     import socket
 
     import ray
@@ -131,13 +140,13 @@ def _train_loop(cfg: dict[str, Any]) -> None:
     import transformers
     from ray.train import Checkpoint
 
-    values = cfg["values"]
+    config: SfftConfig = cfg["config"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(cfg["threads"])
-    if cfg.get("nccl_by_ip"):
+    if config.setup_nccl_socket_ifname_by_ip:
         _set_nccl_ifname()
-    transformers.set_seed(int(values["seed"]) + rank)
+    transformers.set_seed(config.seed + rank)
     tokenizer = transformers.AutoTokenizer.from_pretrained(cfg["base"])
 
     # ---- data: this worker's shard, tokenised and packed
@@ -151,19 +160,20 @@ def _train_loop(cfg: dict[str, Any]) -> None:
         texts = []
         for batch in shard.iter_batches(batch_format="pyarrow", batch_size=1024):
             texts.extend(batch.column(text_column).to_pylist())
-    chunks = list(_chunks(texts, tokenizer, int(values["max_length"])))
-    batch_size = int(values["per_device_train_batch_size"])
-    accumulate = int(values["gradient_accumulation_steps"])
+    chunks = list(_chunks(texts, tokenizer, config.max_length))
+    batch_size = config.per_device_train_batch_size
+    accumulate = config.gradient_accumulation_steps
     local_steps = len(chunks) // (batch_size * accumulate) or (1 if chunks else 0)
     steps = torch.tensor([local_steps], dtype=torch.long)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(steps, op=dist.ReduceOp.MIN)
     steps_per_epoch = int(steps.item())
-    if int(values["steps_per_epoch"]) > 0:
-        steps_per_epoch = min(steps_per_epoch, int(values["steps_per_epoch"]))
+    if config.steps_per_epoch > 0:
+        steps_per_epoch = min(steps_per_epoch, config.steps_per_epoch)
     if steps_per_epoch == 0:
-        raise ValueError(f"worker {rank} received no text to train on: the table has fewer rows than workers")
-    epochs = int(values["num_train_epochs"])
+        raise ConfigError(bad_value("num_workers", world, f"worker {rank} received no text to train on: the table "
+                                    "has fewer rows than workers; use fewer workers or more rows"))
+    epochs = config.num_train_epochs
     total = epochs * steps_per_epoch
 
     # ---- model, resumed from the newest checkpoint when there is one
@@ -183,23 +193,22 @@ def _train_loop(cfg: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     model = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     engine = None
-    if cfg.get("deepspeed"):
+    if config.deepspeed:
         import deepspeed
 
         engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                                       config=cfg["deepspeed"])
+                                                       config=config.deepspeed)
         if ckpt_dir and os.path.isdir(os.path.join(ckpt_dir, "deepspeed")):
             engine.load_checkpoint(os.path.join(ckpt_dir, "deepspeed"))
         net = engine
     else:
         model = ray.train.torch.prepare_model(model)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=float(values["learning_rate"]),
-                                      weight_decay=float(values["weight_decay"]))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
         if ckpt_dir and os.path.exists(os.path.join(ckpt_dir, "optimizer.pt")):
             optimizer.load_state_dict(torch.load(os.path.join(ckpt_dir, "optimizer.pt"), map_location=device))
         net = model
-    warmup = int(values["warmup_steps"])
-    base_lr = float(values["learning_rate"])
+    warmup = config.warmup_steps
+    base_lr = config.learning_rate
 
     reporter = _progress.Reporter(cfg["job_id"], cfg["output"]) if rank == 0 else None
     if reporter is not None:
@@ -215,7 +224,7 @@ def _train_loop(cfg: dict[str, Any]) -> None:
             reporter.state["placement_group"] = group.id.hex()
     order = list(range(len(chunks)))
     for epoch in range(start_epoch, epochs):
-        random.Random(int(values["seed"]) * 1000 + epoch * world + rank).shuffle(order)
+        random.Random(config.seed * 1000 + epoch * world + rank).shuffle(order)
         net.train()
         epoch_losses = []
         for step in range(steps_per_epoch):
@@ -243,7 +252,7 @@ def _train_loop(cfg: dict[str, Any]) -> None:
                 if warmup > 0 and global_step_next <= warmup:
                     for group in optimizer.param_groups:
                         group["lr"] = base_lr * global_step_next / warmup
-                torch.nn.utils.clip_grad_norm_(net.parameters(), float(values["max_grad_norm"]))
+                torch.nn.utils.clip_grad_norm_(net.parameters(), config.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             global_step += 1
@@ -263,7 +272,7 @@ def _train_loop(cfg: dict[str, Any]) -> None:
         if rank == 0:
             unwrapped = net.module if hasattr(net, "module") else net
             unwrapped.save_pretrained(ckpt)
-            if engine is None and values["save_optimizer"]:
+            if engine is None and config.save_optimizer:
                 torch.save(optimizer.state_dict(), os.path.join(ckpt, "optimizer.pt"))
             with open(os.path.join(ckpt, "meta.json"), "w") as fh:  # last: marks the checkpoint complete
                 json.dump({"epoch": epoch, "global_step": global_step, "loss": epoch_loss}, fh)

@@ -17,12 +17,13 @@ import os
 from typing import Any, Iterable, Mapping, Sequence
 
 from .formats import IGNORE_INDEX, training_example
-from .params import SftConfig
+from ..errors import ConfigError, bad_value
+from .config import SftConfig
 
-#: Keys of the configuration that are ours or peft's, not TrainingArguments'.
+#: SftConfig fields that are ours or peft's, not TrainingArguments'.
 _NOT_TRAINING_ARGS = {
     "max_seq_length", "lora_rank", "lora_alpha", "lora_dropout", "target_modules", "quantization",
-    "warmup_ratio_cap", "merge", "system_msg",
+    "warmup_ratio_cap", "merge", "system_msg", "keep_checkpoints", "training_args", "user_keys",
 }
 
 
@@ -39,14 +40,15 @@ def _import():
 
 
 def use_4bit(config: SftConfig, torch) -> bool:
-    choice = config["quantization"]
+    choice = config.quantization
     if choice == "none":
         return False
     import importlib.util
 
     available = torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes") is not None
     if choice == "4bit" and not available:
-        raise RuntimeError("sft.str.quantization='4bit' needs CUDA and bitsandbytes; use 'auto' or 'none'")
+        raise ConfigError(bad_value("sft.str.quantization", choice, "4-bit QLoRA needs CUDA and bitsandbytes on the "
+                                    "training node; use 'auto' (4-bit where they exist) or 'none'"))
     return available
 
 
@@ -85,8 +87,9 @@ def build_examples(tokenizer, conversations: Iterable[Sequence[Mapping[str, str]
 
 
 def training_arguments(config: SftConfig, output_dir: str, steps: int, torch, transformers, four_bit: bool):
-    """TrainingArguments from the seed's keys, adapted as the params module documents."""
-    values = {k: v for k, v in config.values.items() if k not in _NOT_TRAINING_ARGS}
+    """TrainingArguments from the config, adapted as :mod:`.config` documents."""
+    values = {k: v for k, v in config.to_json().items() if k not in _NOT_TRAINING_ARGS}
+    values.update(config.training_args)
     cuda = torch.cuda.is_available()
     if not four_bit and values.get("optim") == "paged_adamw_32bit":
         values["optim"] = "adamw_torch"
@@ -99,10 +102,10 @@ def training_arguments(config: SftConfig, output_dir: str, steps: int, torch, tr
                 values["fp16"] = True
     if not cuda:
         values["use_cpu"] = True
-    cap = max(0, int(steps * float(config["warmup_ratio_cap"])))
-    if isinstance(values.get("warmup_steps"), int) and values["warmup_steps"] > cap and "warmup_steps" not in _user_keys(config):
+    cap = max(0, int(steps * config.warmup_ratio_cap))
+    if values["warmup_steps"] > cap and "warmup_steps" not in config.user_keys:
         values["warmup_steps"] = cap
-    if "logging_steps" not in _user_keys(config):
+    if "logging_steps" not in config.user_keys:
         values["logging_steps"] = max(1, min(int(values["logging_steps"]), steps // 10 or 1))
     report_to = values.get("report_to") or []
     report_to = [report_to] if isinstance(report_to, str) else list(report_to)
@@ -111,10 +114,6 @@ def training_arguments(config: SftConfig, output_dir: str, steps: int, torch, tr
     values["dataloader_pin_memory"] = cuda
     return transformers.TrainingArguments(output_dir=os.path.join(output_dir, "checkpoints"), **values), \
         "tensorboard" in report_to
-
-
-def _user_keys(config: SftConfig) -> set[str]:
-    return set(config.user_keys)
 
 
 def run_sft(conversations: Iterable[Sequence[Mapping[str, str]]], *, base_dir: str, config: SftConfig,
@@ -135,14 +134,15 @@ def run_sft(conversations: Iterable[Sequence[Mapping[str, str]]], *, base_dir: s
     """
     torch, transformers, peft = _import()
     say = reporter.phase if reporter is not None else (lambda phase, message=None, **kw: None)
-    transformers.set_seed(int(config["seed"]))
+    transformers.set_seed(config.seed)
     say("loading model", f"loading the base model from {base_dir}")
     tokenizer = transformers.AutoTokenizer.from_pretrained(base_dir)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    examples = build_examples(tokenizer, conversations, int(config["max_seq_length"]), config["system_msg"])
+    examples = build_examples(tokenizer, conversations, config.max_seq_length, config.system_msg)
     if not examples:
-        raise ValueError("no training example is left: every answer lies beyond max_seq_length tokens")
+        raise ConfigError(bad_value("sft.int.max_seq_length", config.max_seq_length, "no training example is left: "
+                                    "every answer lies beyond that many tokens; raise it"))
     four_bit = use_4bit(config, torch)
     load_kwargs: dict[str, Any] = {}
     if four_bit:
@@ -154,16 +154,16 @@ def run_sft(conversations: Iterable[Sequence[Mapping[str, str]]], *, base_dir: s
     model = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32 if not four_bit else None,
                                                               **load_kwargs)
     if four_bit:
-        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(config["gradient_checkpointing"]))
+        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
     lora = peft.LoraConfig(
-        r=int(config["lora_rank"]), lora_alpha=int(config["lora_alpha"]), lora_dropout=float(config["lora_dropout"]),
-        target_modules=config["target_modules"], bias="none", task_type="CAUSAL_LM",
+        r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+        target_modules=config.target_modules, bias="none", task_type="CAUSAL_LM",
     )
     model = peft.get_peft_model(model, lora)
-    per_step = int(config["per_device_train_batch_size"]) * int(config["gradient_accumulation_steps"])
-    steps = math.ceil(len(examples) / per_step) * int(math.ceil(float(config["num_train_epochs"])))
-    if int(config["max_steps"]) > 0:
-        steps = int(config["max_steps"])
+    per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps
+    steps = math.ceil(len(examples) / per_step) * config.num_train_epochs
+    if config.max_steps > 0:
+        steps = config.max_steps
     args, tensorboard = training_arguments(config, output_dir, steps, torch, transformers, four_bit)
     callbacks: list[Any] = [_ProgressCallback(reporter)] if reporter is not None else []
     losses: list[float] = []
@@ -186,7 +186,7 @@ def run_sft(conversations: Iterable[Sequence[Mapping[str, str]]], *, base_dir: s
     out: dict[str, Any] = {"adapter": adapter_dir, "examples": len(examples), "steps": steps, "losses": losses,
                            "train_samples_per_second": metrics.get("train_samples_per_second"),
                            "train_runtime": metrics.get("train_runtime"), "train_loss": metrics.get("train_loss")}
-    if config["merge"]:
+    if config.merge:
         say("merging", "merging the adapter into the base weights")
         final_dir = os.path.join(output_dir, "final")
         if four_bit:

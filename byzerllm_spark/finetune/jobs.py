@@ -15,8 +15,10 @@ key-value store, so any driver connected to the cluster can follow a job by its 
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import re
 import sys
 import time
 import uuid
@@ -24,14 +26,20 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Mapping
 
-from .. import cluster
+from .. import cluster, settings
 from ..errors import ByzerLLMError, ClusterError, ConfigError, ResourceError, bad_value
 from . import _progress
+from .config import JobSpec
 
 logger = logging.getLogger(__name__)
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
-DEFAULT_OUTPUT = os.path.join("~", ".byzerllm_spark", "jobs")
+#: Environment a Ray Job's driver inherits from the submitter: the same folders and tokenizer setting.
+_JOB_ENV = (settings.HOME_ENV, settings.CACHE_DIR_ENV, "HF_HOME", "TOKENIZERS_PARALLELISM")
+#: Seconds to wait for a node's dashboard agent to take a Ray Job.
+AGENT_WAIT_S = 60
+#: ANSI escape sequences (colours, cursor moves) that Ray writes into job logs.
+_ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
 
 
 class JobError(ByzerLLMError, RuntimeError):
@@ -70,18 +78,23 @@ def _job_id(value: Any) -> str:
     raise ConfigError(bad_value("job", value, "pass the FinetuneJob that bls.sft/bls.sfft returned, or its job_id"))
 
 
-def _spec(job: Any) -> dict[str, Any]:
+def load_spec(job: Any) -> JobSpec:
+    """The spec of a job (a FinetuneJob or its id) from the cluster's key-value store.
+
+    Raises:
+        JobError: the cluster does not know the job.
+    """
     cluster.ensure_init()
     job_id = _job_id(job)
-    spec = _progress.get(job_id, "spec")
-    if spec is None:
+    data = _progress.get(job_id, "spec")
+    if data is None:
         known = _progress.list_ids("spec")
         raise JobError(f"job {job_id!r} is not known to this cluster; known jobs: {known[-10:] if known else 'none'}")
-    return spec
+    return JobSpec.from_json(data)
 
 
-def _as_job(spec: Mapping[str, Any]) -> FinetuneJob:
-    return FinetuneJob(job_id=spec["job_id"], kind=spec["kind"], output=spec["output"], detached=spec["detached"])
+def _as_job(spec: JobSpec) -> FinetuneJob:
+    return FinetuneJob(job_id=spec.job_id, kind=spec.kind, output=spec.output, detached=spec.detached)
 
 
 # ---- the job server ------------------------------------------------------------------------
@@ -126,9 +139,17 @@ def job_client():
 
 # ---- submission ----------------------------------------------------------------------------
 def new_job_id(kind: str, name: str | None) -> str:
+    """``<kind>-<name>-<time>-<uuid>``; a name that already starts with ``<kind>-`` keeps its own prefix."""
     owner = name or os.environ.get("USER") or "byzerllm"
     safe = "".join(c if c.isalnum() or c in "-_" else "-" for c in owner)[:40]
-    return f"{kind}-{safe}-{datetime.now().strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
+    if not safe.startswith(f"{kind}-"):
+        safe = f"{kind}-{safe}"
+    return f"{safe}-{datetime.now().strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
+
+
+def job_dir(output: str | None, job_id: str) -> str:
+    """A job's directory: ``<output>/<job_id>``, ``output`` defaulting to ``settings.jobs_dir()``."""
+    return os.path.join(os.path.abspath(os.path.expanduser(output or settings.jobs_dir())), job_id)
 
 
 def check_resources(kind: str, num_gpus: float, num_workers: int, cpus_per_worker: float) -> None:
@@ -140,7 +161,7 @@ def check_resources(kind: str, num_gpus: float, num_workers: int, cpus_per_worke
     total_gpu = sum(r.get("GPU", 0) for r in nodes)
     if num_gpus and kind == "sft" and not any(r.get("GPU", 0) >= num_gpus for r in nodes):
         raise ResourceError(
-            f"num_gpus={num_gpus!r} can never be satisfied: sft trains on one machine (seed 001) and no node has "
+            f"num_gpus={num_gpus!r} can never be satisfied: sft trains on one machine (as in Byzer-LLM) and no node has "
             f"that many GPUs (nodes: {have}); lower num_gpus, or use num_gpus=0 to train on CPU"
         )
     if num_gpus and total_gpu < num_gpus:
@@ -157,29 +178,47 @@ def check_resources(kind: str, num_gpus: float, num_workers: int, cpus_per_worke
         )
 
 
-def submit(spec: dict[str, Any], *, progress: bool = True) -> FinetuneJob:
+def submit(spec: JobSpec, *, progress: bool = True) -> FinetuneJob:
     """Store ``spec`` under its job id and start the job (Ray Job, or Ray task and wait)."""
     import ray
 
-    job_id = spec["job_id"]
-    _progress.put(job_id, "spec", spec)
+    job_id = spec.job_id
+    _progress.put(job_id, "spec", spec.to_json())
     _progress.put(job_id, "progress", {"phase": "submitted", "step": 0, "total_steps": None, "loss": None,
                                        "eta_seconds": None, "updated": time.time()})
     job = _as_job(spec)
     # The job's driver holds no resources: the training (a task for sft, Ray Train workers for
     # sfft) reserves the CPUs/GPUs, and Ray Data's small tasks in the driver can always run.
     cpus = gpus = 0.0
-    if spec["detached"]:
+    if spec.detached:
         client = job_client()
         python = sys.executable if cluster.info().embedded else "python"
-        env = {k: v for k, v in os.environ.items() if k in ("BYZERLLM_CACHE_DIR", "HF_HOME", "TOKENIZERS_PARALLELISM")}
-        client.submit_job(
+        env = {k: v for k, v in os.environ.items() if k in _JOB_ENV}
+        submit_job = functools.partial(
+            client.submit_job,
             entrypoint=f"{python} -m byzerllm_spark.finetune._entry {job_id} {ray.get_runtime_context().gcs_address}",
             submission_id=job_id,
             entrypoint_num_cpus=cpus,
             runtime_env={"env_vars": env} if env else None,
-            metadata={"byzerllm_spark": spec["kind"], "output": spec["output"]},
+            metadata={"byzerllm_spark": spec.kind, "output": spec.output},
         )
+        deadline = time.monotonic() + AGENT_WAIT_S
+        while True:
+            try:
+                submit_job()
+                break
+            except RuntimeError as exc:
+                # The job server answers 500 "No available agent to submit job, please try again
+                # later" until the node's dashboard agent has registered (slow on a loaded node),
+                # and for good when the agent could not start (its port 52365 held by another
+                # Ray instance on the machine: seen here, see the session's dashboard_agent.log).
+                if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                    raise ClusterError(
+                        f"the job server did not take job {job_id!r}: {exc} If it persists, the node's dashboard "
+                        "agent did not start (see dashboard_agent.log in the Ray session's logs; another Ray "
+                        "instance on the machine may hold its port); detached=False trains in a Ray task "
+                        "without the job server") from exc
+                time.sleep(2)
         logger.info("submitted Ray Job %s", job_id)
         return job
     from ._entry import run_job
@@ -195,12 +234,12 @@ def submit(spec: dict[str, Any], *, progress: bool = True) -> FinetuneJob:
 
 
 # ---- following a job -----------------------------------------------------------------------
-def _ray_status(spec: Mapping[str, Any]) -> tuple[str, str | None]:
+def _ray_status(spec: JobSpec) -> tuple[str, str | None]:
     """(status, message) from Ray: the Ray Job's status, or the local task's state."""
     import ray
 
-    job_id = spec["job_id"]
-    if spec["detached"]:
+    job_id = spec.job_id
+    if spec.detached:
         info = job_client().get_job_info(job_id)
         return str(info.status).split(".")[-1], info.message
     ref = _local_refs.get(job_id)
@@ -237,14 +276,14 @@ def job_status(job: Any) -> dict[str, Any]:
         >>> bls.job_status(job)["step"]  # doctest: +SKIP
         12
     """
-    spec = _spec(job)
+    spec = load_spec(job)
     status, message = _ray_status(spec)
-    progress = _progress.get(spec["job_id"], "progress") or {}
-    result = _progress.get(spec["job_id"], "result") or {}
+    progress = _progress.get(spec.job_id, "progress") or {}
+    result = _progress.get(spec.job_id, "result") or {}
     out = {
-        "job_id": spec["job_id"], "kind": spec["kind"], "status": status, "phase": progress.get("phase"),
+        "job_id": spec.job_id, "kind": spec.kind, "status": status, "phase": progress.get("phase"),
         "step": progress.get("step", 0), "total_steps": progress.get("total_steps"), "loss": progress.get("loss"),
-        "epoch": progress.get("epoch"), "eta_seconds": progress.get("eta_seconds"), "output": spec["output"],
+        "epoch": progress.get("epoch"), "eta_seconds": progress.get("eta_seconds"), "output": spec.output,
         "final": result.get("final"), "error": progress.get("error"), "message": message,
     }
     for key in ("epoch_losses", "last_checkpoint", "resumed_from", "start_epoch", "examples"):
@@ -256,11 +295,17 @@ def job_status(job: Any) -> dict[str, Any]:
 
 
 def job_logs(job: Any) -> str:
-    """The job's log: the Ray Job's driver log (detached), else the last lines it published."""
-    spec = _spec(job)
-    if spec["detached"]:
-        return job_client().get_job_logs(spec["job_id"])
-    return "\n".join(_progress.get(spec["job_id"], "log") or []) + "\n"
+    """The job's log as plain text: the Ray Job's driver log (detached), else the last lines it
+    published. Ray's colour codes are removed."""
+    spec = load_spec(job)
+    if spec.detached:
+        return strip_ansi(job_client().get_job_logs(spec.job_id))
+    return "\n".join(_progress.get(spec.job_id, "log") or []) + "\n"
+
+
+def strip_ansi(text: str) -> str:
+    """``text`` without ANSI escape sequences (Ray colours its workers' log prefixes)."""
+    return _ANSI.sub("", text)
 
 
 def cancel_job(job: Any, *, purge: bool = False) -> dict[str, Any]:
@@ -274,14 +319,14 @@ def cancel_job(job: Any, *, purge: bool = False) -> dict[str, Any]:
     """
     import ray
 
-    spec = _spec(job)
-    job_id = spec["job_id"]
-    if spec["detached"]:
+    spec = load_spec(job)
+    job_id = spec.job_id
+    if spec.detached:
         job_client().stop_job(job_id)
     elif job_id in _local_refs:
         ray.cancel(_local_refs[job_id], force=True)
     progress = _progress.get(job_id, "progress") or {}
-    if not spec["detached"] and progress.get("placement_group"):
+    if not spec.detached and progress.get("placement_group"):
         _remove_placement_group(progress["placement_group"])
     if progress.get("phase") not in ("done", "failed"):
         progress["phase"] = "stopped"
@@ -289,10 +334,8 @@ def cancel_job(job: Any, *, purge: bool = False) -> dict[str, Any]:
     deadline = time.time() + 60
     while time.time() < deadline and _ray_status(spec)[0] not in TERMINAL:
         time.sleep(0.5)
-    if purge:
-        from .data_servers import DataServers
-
-        DataServers.from_json(spec["data"]).close()
+    if purge and spec.data is not None:
+        spec.data.close()
     return job_status(job_id)
 
 
@@ -316,12 +359,12 @@ def job_output(job: Any) -> str:
     Raises:
         JobError: the job has not succeeded (its status says why).
     """
-    spec = _spec(job)
-    result = _progress.get(spec["job_id"], "result")
+    spec = load_spec(job)
+    result = _progress.get(spec.job_id, "result")
     if not result or not result.get("final"):
-        status = job_status(spec["job_id"])
+        status = job_status(spec.job_id)
         raise JobError(
-            f"job {spec['job_id']!r} has no output yet: status {status['status']}, phase {status['phase']}"
+            f"job {spec.job_id!r} has no output yet: status {status['status']}, phase {status['phase']}"
             + (f", error: {status['error']}" if status.get("error") else "") + "; bls.wait(job) first"
         )
     return result["final"]
@@ -333,17 +376,16 @@ def resume_job(job: Any, *, detached: bool | None = None, progress: bool = True)
     Returns:
         the new job (id ``<old id>-r<n>``), writing into the old job's output directory.
     """
-    spec = dict(_spec(job))
-    base_id = spec.get("resumes") or spec["job_id"]
+    spec = load_spec(job)
+    base_id = spec.resumes or spec.job_id
     n = 1 + sum(1 for i in _progress.list_ids("spec") if i.startswith(base_id + "-r"))
-    spec.update(job_id=f"{base_id}-r{n}", resume=True, resumes=base_id)
-    if detached is not None:
-        spec["detached"] = bool(detached)
-    from .data_servers import DataServers
-
+    spec = spec.replace(job_id=f"{base_id}-r{n}", resume=True, resumes=base_id,
+                        detached=spec.detached if detached is None else bool(detached))
     try:
-        DataServers.from_json(spec["data"]).handles()
-    except ValueError:
+        if spec.data is None:
+            raise ValueError("no data servers")
+        spec.data.handles()
+    except ValueError:  # Ray: no actor of that name
         raise JobError(
             f"job {base_id!r} cannot be resumed: its data servers are gone (the job succeeded, or was cancelled "
             "with purge=True, or the cluster restarted); submit it again with bls.sft/bls.sfft"
