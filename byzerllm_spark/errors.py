@@ -35,6 +35,10 @@ class RequestError(ByzerLLMError, RuntimeError):
     """A request to a deployed model failed."""
 
 
+class JobError(ByzerLLMError, RuntimeError):
+    """A training job failed, was stopped, or is not known to the cluster."""
+
+
 class ModelTableError(ByzerLLMError, RuntimeError):
     """A model table cannot be saved, read or verified."""
 

@@ -16,11 +16,11 @@ import sys
 import time
 from typing import Any
 
+from ..errors import JobError
 from ..settings import NAMESPACE
 from . import _progress
 from .config import JobSpec
 from .data_servers import DataServers
-from .jobs import JobError
 
 
 def collect_from(data_refs: list[Any]):

@@ -1,6 +1,6 @@
 """Progress of a training job, readable from any driver of the cluster.
 
-The job publishes its phase, step, total, loss and ETA to Ray's internal key-value store (GCS),
+The job publishes its phase, step, total, loss and ETA to the cluster's key-value actor (:mod:`.._kv`),
 so ``job_status`` works from another process or machine without a shared filesystem, and it
 prints the same line to its log. The last lines of the log are kept in the store as well, for
 jobs that are not Ray Jobs (``detached=False``).
@@ -14,7 +14,6 @@ import sys
 import time
 from typing import Any
 
-from ..settings import NAMESPACE
 
 _PREFIX = "finetune"
 MAX_LOG_LINES = 200
@@ -22,11 +21,10 @@ MAX_LOG_LINES = 200
 
 def _kv():
     import ray
-    from ray.experimental import internal_kv
 
-    if not ray.is_initialized():
-        return None
-    return internal_kv
+    from .. import _kv as kv
+
+    return kv if ray.is_initialized() else None
 
 
 def key(job_id: str, what: str) -> bytes:
@@ -36,14 +34,14 @@ def key(job_id: str, what: str) -> bytes:
 def put(job_id: str, what: str, value: Any) -> None:
     kv = _kv()
     if kv is not None:
-        kv._internal_kv_put(key(job_id, what), json.dumps(value).encode(), overwrite=True, namespace=NAMESPACE)
+        kv.put(key(job_id, what), json.dumps(value).encode())
 
 
 def get(job_id: str, what: str) -> Any:
     kv = _kv()
     if kv is None:
         return None
-    raw = kv._internal_kv_get(key(job_id, what), namespace=NAMESPACE)
+    raw = kv.get(key(job_id, what))
     return json.loads(raw) if raw else None
 
 
@@ -52,7 +50,7 @@ def list_ids(what: str = "spec") -> list[str]:
     if kv is None:
         return []
     prefix = f"{_PREFIX}/{what}/".encode()
-    return sorted(k.decode()[len(prefix):] for k in kv._internal_kv_list(prefix, namespace=NAMESPACE))
+    return sorted(k.decode()[len(prefix):] for k in kv.keys(prefix))
 
 
 def format_eta(seconds: float | None) -> str:

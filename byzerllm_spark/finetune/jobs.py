@@ -27,7 +27,7 @@ from datetime import datetime
 from typing import Any, Mapping
 
 from .. import cluster, settings
-from ..errors import ByzerLLMError, ClusterError, ConfigError, ResourceError, bad_value
+from ..errors import ByzerLLMError, ClusterError, ConfigError, JobError, ResourceError, bad_value
 from . import _progress
 from .config import JobSpec
 
@@ -40,10 +40,6 @@ _JOB_ENV = (settings.HOME_ENV, settings.CACHE_DIR_ENV, "HF_HOME", "TOKENIZERS_PA
 AGENT_WAIT_S = 60
 #: ANSI escape sequences (colours, cursor moves) that Ray writes into job logs.
 _ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
-
-
-class JobError(ByzerLLMError, RuntimeError):
-    """A training job failed, was stopped, or is not known to the cluster."""
 
 
 @dataclass(frozen=True)
