@@ -27,7 +27,7 @@ from datetime import datetime
 from typing import Any, Mapping
 
 from .. import cluster, settings
-from ..errors import ByzerLLMError, ClusterError, ConfigError, JobError, ResourceError, bad_value
+from ..errors import ClusterError, ConfigError, JobError, ResourceError, bad_value
 from . import _progress
 from .config import JobSpec
 
