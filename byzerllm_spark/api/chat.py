@@ -93,6 +93,7 @@ def chat_batch(
     raise_on_error: bool | None = None,
     with_metadata: bool = False,
     batch_size: int = 1000,
+    progress: bool | None = None,
 ) -> list:
     """Send many requests at once, answered in order.
 
@@ -102,6 +103,8 @@ def chat_batch(
             (a failed row never turns into a silent None), False with ``with_metadata=True``
             (each row's ``error`` says why). ``False`` with texts returns None for a failed row.
         with_metadata: return dicts ``{"response", "error", "metadata"}`` instead of texts.
+        batch_size: rows per request.
+        progress: a progress bar of rows answered. Default: on a terminal, once a call has taken 2 s.
 
     Returns:
         One entry per request: the answer text (None for a failed row unless raise_on_error),
@@ -112,19 +115,31 @@ def chat_batch(
         raise_on_error = not with_metadata
     items = [build_params(r) if isinstance(r, str) else r for r in requests_]
     out: list = []
-    for start in range(0, len(items), batch_size):
-        table = request_batch(endpoint, model, items[start : start + batch_size])
-        responses = table.column("response").to_pylist()
-        errors = table.column("error").to_pylist()
-        metadata = table.column("metadata").to_pylist()
-        for response, error, meta in zip(responses, errors, metadata):
-            if error and raise_on_error:
-                raise RequestError(f"model {model!r} could not answer: {error}")
-            if with_metadata:
-                out.append({"response": response, "error": error, "metadata": dict(meta or [])})
-            else:
-                out.append(response)
+    with _progress_bar(len(items), f"chat_batch {model}", progress) as bar:
+        for start in range(0, len(items), batch_size):
+            table = request_batch(endpoint, model, items[start : start + batch_size])
+            responses = table.column("response").to_pylist()
+            errors = table.column("error").to_pylist()
+            metadata = table.column("metadata").to_pylist()
+            for response, error, meta in zip(responses, errors, metadata):
+                if error and raise_on_error:
+                    raise RequestError(f"model {model!r} could not answer: {error}")
+                if with_metadata:
+                    out.append({"response": response, "error": error, "metadata": dict(meta or [])})
+                else:
+                    out.append(response)
+            bar.update(len(responses))
     return out
+
+
+def _progress_bar(total: int, desc: str, progress: bool | None):
+    """A tqdm bar of rows: forced on or off by ``progress``; by default (None) shown only on a terminal
+    and only after 2 s, so short calls and logs stay clean."""
+    from tqdm.auto import tqdm
+
+    auto = progress is None
+    return tqdm(total=total, desc=desc, unit="row", leave=False, disable=None if auto else not progress,
+                delay=2.0 if auto else 0)
 
 
 def embed(model: str, texts: Sequence[str], *, endpoint: str | None = None) -> list[list[float]]:

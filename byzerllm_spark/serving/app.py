@@ -15,7 +15,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from ..settings import DEPLOYMENT_NAME, NAMESPACE, log_level
+from ..settings import DEPLOYMENT_NAME, NAMESPACE
 
 logger = logging.getLogger(__name__)
 
@@ -56,9 +56,11 @@ def build(config) -> Any:
 
 
 def logging_config() -> dict[str, Any]:
-    """Serve's logging for our applications: no per-request access log (it costs more than the echo
-    model's work), and the library's log level (``$BYZERLLM_LOG_LEVEL``, default WARNING)."""
-    return {"enable_access_log": False, "log_level": log_level()}
+    """Serve's logging for our applications: the same as for Serve's controller and proxy (no access log;
+    Serve's own messages at ERROR unless ``$BYZERLLM_LOG_LEVEL`` is INFO or DEBUG)."""
+    from ..cluster import serve_logging_config
+
+    return serve_logging_config()
 
 
 @dataclass

@@ -8,11 +8,15 @@
   ``{endpoint}/{model}/arrow``. Results come back in input order; a null input gives a null output.
 - ``fail_on_error=False`` returns ``struct<response, error, metadata>`` so one bad row never fails
   the job; ``llm_result(x)`` gives the text from either form.
+- What a query cost: ``bls.track(spark)`` and ``bls.last_query_stats()`` read the rows, requests, errors,
+  retries and tokens that the executors add to a Spark accumulator (classic PySpark only).
 """
 
 from __future__ import annotations
 
 import json
+import threading
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from ..errors import ConfigError, bad_value, check_int
@@ -224,7 +228,7 @@ def model_function(
     check_int("concurrency", concurrency, 1, 4)
     options = dict(
         model=model, endpoint=endpoint, batch_size=batch_size, concurrency=concurrency,
-        timeout=timeout, max_retries=max_retries, fail_on_error=fail_on_error,
+        timeout=timeout, max_retries=max_retries, fail_on_error=fail_on_error, stats=_stats_accumulator(),
     )
     if info.get("embedding"):
         def embed_fn(batches):
@@ -273,3 +277,132 @@ def register_model_function(spark, model: str, *, udf_name: str | None = None, *
     return name
 
 
+# ---- What a query cost ----------------------------------------------------------------------------------
+
+_stats_lock = threading.Lock()
+_stats: dict[str, Any] = {"context": None, "accumulator": None}
+
+
+def _stats_accumulator():
+    """The active SparkContext's accumulator of the model functions' counters (one per context), or None
+    on Spark Connect, whose API has no accumulators."""
+    from pyspark import SparkContext
+
+    from .udf import QueryCounters
+
+    context = SparkContext._active_spark_context
+    if context is None:
+        return None
+    with _stats_lock:
+        if _stats["context"] is not context:
+            _stats.update(context=context, accumulator=context.accumulator({}, QueryCounters()))
+        return _stats["accumulator"]
+
+
+def _require_stats(spark) -> Any:
+    accumulator = None if type(spark).__module__.startswith("pyspark.sql.connect") else _stats_accumulator()
+    if accumulator is None:
+        raise ConfigError(
+            "per-query statistics need a classic SparkSession: they travel on Spark accumulators, which "
+            "Spark Connect does not have. Use bls.stat(model) for the workers' running totals (rows and "
+            "tokens over all callers)"
+        )
+    return accumulator
+
+
+@dataclass(frozen=True)
+class QueryStats:
+    """What the model functions did for a query: rows sent (nulls included), HTTP requests, rows answered
+    with an error (``fail_on_error=False``), retried requests, and the tokens the backends reported in each
+    row's metadata. ``by_model`` splits them per model."""
+
+    rows: int = 0
+    requests: int = 0
+    errors: int = 0
+    retries: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    by_model: Mapping[str, QueryStats] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def of(cls, entries: Mapping[tuple, tuple]) -> QueryStats:
+        """From accumulator entries ``{(query, model): counts}``: per model, and in total."""
+        per_model: dict[str, list[int]] = {}
+        for (_, model), counts in entries.items():
+            totals = per_model.setdefault(model, [0] * len(counts))
+            for i, count in enumerate(counts):
+                totals[i] += count
+        per_model = {model: counts for model, counts in sorted(per_model.items()) if any(counts)}
+        return cls(*(sum(column) for column in zip(*per_model.values())),
+                   by_model={model: cls(*counts) for model, counts in per_model.items()})
+
+
+class track:
+    """Count what the model functions do while the block runs.
+
+    ``q`` reads as a :class:`QueryStats` (``q.rows``, ``q.prompt_tokens``, ``print(q)``): live inside the
+    block, as Spark's tasks finish, and fixed at its end. Every query of this SparkContext counts, from
+    any thread. A task that Spark runs again (a retry, speculation) counts again.
+
+    Args:
+        spark: the session, to refuse Spark Connect clearly; default: the active SparkContext.
+
+    Raises:
+        ConfigError: no classic SparkContext (Spark Connect has no accumulators).
+
+    Example:
+        >>> with bls.track(spark) as q:  # doctest: +SKIP
+        ...     spark.sql("SELECT chat(llm_param(map('instruction', q))) FROM questions").collect()
+        >>> print(q)  # doctest: +SKIP
+        QueryStats(rows=1000, requests=250, errors=0, retries=0, prompt_tokens=41250, completion_tokens=18032)
+    """
+
+    def __init__(self, spark: Any = None) -> None:
+        self._accumulator = _require_stats(spark)
+        self._start: dict = {}
+        self._final: QueryStats | None = None
+
+    def __enter__(self) -> track:
+        self._start = dict(self._accumulator.value)  # a copy: Spark merges finished tasks into the value
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._final = self.stats
+
+    @property
+    def stats(self) -> QueryStats:
+        if self._final is not None:
+            return self._final
+        now = dict(self._accumulator.value)
+        return QueryStats.of({
+            key: tuple(a - b for a, b in zip(counts, self._start.get(key, (0,) * len(counts))))
+            for key, counts in now.items()
+        })
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self.stats, name)
+
+    def __repr__(self) -> str:
+        return repr(self.stats)
+
+
+def last_query_stats(spark: Any = None) -> QueryStats | None:
+    """What the model functions did for the latest Spark SQL query (or DataFrame action) that called one,
+    once its tasks are done; None before any.
+
+    Example:
+        >>> spark.sql("SELECT chat(llm_param(map('instruction', q))) FROM questions").show()  # doctest: +SKIP
+        >>> bls.last_query_stats().completion_tokens  # doctest: +SKIP
+        18032
+
+    Raises:
+        ConfigError: no classic SparkContext (Spark Connect has no accumulators).
+    """
+    entries = dict(_require_stats(spark).value)
+    queries = [int(query) for query, _ in entries if query is not None]
+    if not queries:
+        return None
+    last = str(max(queries))
+    return QueryStats.of({key: counts for key, counts in entries.items() if key[0] == last})

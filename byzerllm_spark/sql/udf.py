@@ -4,6 +4,9 @@ Shapes at each step: Spark hands a task an iterator of ``pa.Array`` (string, the
 one per Arrow batch of ``spark.sql.execution.arrow.maxRecordsPerBatch`` rows) → each is cut into
 chunks of ``batch_size`` rows → each chunk is one Arrow request (:mod:`..transport`), ``concurrency``
 in flight → the answers (``string``, or ``struct<response, error, metadata>``) are yielded in input order.
+
+What a query cost goes back to the driver on a Spark accumulator (:class:`QueryCounters`): each task adds
+its rows, requests, errors, retries and tokens once, when its last answer is out.
 """
 
 from __future__ import annotations
@@ -13,6 +16,69 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 from ..errors import ConfigError, ModelNotFoundError, RequestError
+
+#: The counters of a query, in the order :class:`QueryCounters` keeps them.
+STAT_FIELDS = ("rows", "requests", "errors", "retries", "prompt_tokens", "completion_tokens")
+_TOKEN_KEYS = ("prompt_tokens", "completion_tokens")
+
+
+class QueryCounters:
+    """The ``AccumulatorParam`` of the model functions: ``{(SQL execution id, model): counts}``, counts in
+    :data:`STAT_FIELDS` order. The driver's value gains one entry per query and model. Entries are
+    replaced, never changed in place: the driver reads the value while Spark merges finished tasks into it.
+    """
+
+    def zero(self, value):
+        return {}
+
+    def addInPlace(self, value, other):
+        for key, counts in other.items():
+            old = value.get(key)
+            value[key] = tuple(counts) if old is None else tuple(a + b for a, b in zip(old, counts))
+        return value
+
+
+def counted(results, stats, model: str):
+    """Yield the answer arrays of ``(array, counts)`` pairs; add the summed counts to the accumulator
+    ``stats`` (None: Spark Connect, which has no accumulators) once, when the task's answers are out."""
+    totals = [0] * len(STAT_FIELDS)
+    try:
+        for array, counts in results:
+            for i, count in enumerate(counts):
+                totals[i] += count
+            yield array
+    finally:
+        if stats is not None and any(totals):
+            from pyspark import TaskContext
+
+            task = TaskContext.get()
+            query = task.getLocalProperty("spark.sql.execution.id") if task is not None else None
+            stats.add({(query, model): tuple(totals)})
+
+
+def token_usage(metadata) -> tuple[int, int]:
+    """``(prompt_tokens, completion_tokens)`` summed over a chunk's ``metadata`` column (``map<string,
+    string>``), as the backends report them; rows without them count 0. Vectorised over the maps' flat
+    entries (``pc.map_lookup`` per row took 10x as long)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if metadata.null_count == len(metadata):
+        return 0, 0
+    totals = [0] * len(_TOKEN_KEYS)
+    for chunk in metadata.chunks:
+        # .keys/.items ignore a slice's offset; the offsets bound this chunk's own entries.
+        start, end = chunk.offsets[0].as_py(), chunk.offsets[-1].as_py()
+        keys, items = chunk.keys.slice(start, end - start), chunk.items.slice(start, end - start)
+        for i, key in enumerate(_TOKEN_KEYS):
+            values = items.filter(pc.equal(keys, key))
+            if not len(values):
+                continue
+            try:
+                totals[i] += max(0, pc.sum(values.cast(pa.int64())).as_py() or 0)
+            except pa.ArrowInvalid:  # not all integer text: count the values that are
+                totals[i] += sum(int(v) for v in values.to_pylist() if v and v.strip().isdigit())
+    return totals[0], totals[1]
 
 
 def windowed(batches, submit, concurrency: int, batch_size: int):
@@ -56,12 +122,13 @@ def as_request_json(array):
     )
 
 
-def run_requests(batches, *, model, endpoint, batch_size, concurrency, timeout, max_retries, fail_on_error):
+def run_requests(batches, *, model, endpoint, batch_size, concurrency, timeout, max_retries, fail_on_error,
+                 stats=None):
     import pyarrow as pa
     import pyarrow.compute as pc
 
     from ..protocol import arrow
-    from ..transport import post_arrow
+    from ..transport import last_retries, post_arrow
 
     def submit(chunk):
         chunk = as_request_json(chunk)
@@ -85,29 +152,32 @@ def run_requests(batches, *, model, endpoint, batch_size, concurrency, timeout, 
                     "metadata": pa.nulls(n, arrow.METADATA_TYPE),
                 }
             )
+        errors = table.column("error")
+        if fail_on_error and errors.null_count != len(errors):
+            first = next(i for i, e in enumerate(errors.to_pylist()) if e)
+            raise RequestError(
+                f"model {model!r} could not answer a row ({errors[first].as_py()}); request: "
+                f"{chunk[first].as_py()[:300]}. Register the function with fail_on_error=False to get "
+                "per-row errors instead of failing the query."
+            )
+        counts = (len(chunk), 1, len(errors) - errors.null_count, last_retries(),
+                  *token_usage(table.column("metadata")))
         if fail_on_error:
-            errors = table.column("error")
-            if errors.null_count != len(errors):
-                first = next(i for i, e in enumerate(errors.to_pylist()) if e)
-                raise RequestError(
-                    f"model {model!r} could not answer a row ({errors[first].as_py()}); request: "
-                    f"{chunk[first].as_py()[:300]}. Register the function with fail_on_error=False to get "
-                    "per-row errors instead of failing the query."
-                )
-            return table.column("response").combine_chunks()
+            return table.column("response").combine_chunks(), counts
         fields = [table.column(name).combine_chunks() for name in ("response", "error", "metadata")]
         # A null row (null input, or a null instruction) comes back with all three fields null.
         mask = pc.and_(pc.and_(fields[0].is_null(), fields[1].is_null()), fields[2].is_null())
-        return pa.StructArray.from_arrays(fields, names=["response", "error", "metadata"], mask=mask)
+        return pa.StructArray.from_arrays(fields, names=["response", "error", "metadata"], mask=mask), counts
 
-    yield from windowed(batches, submit, concurrency, batch_size)
+    yield from counted(windowed(batches, submit, concurrency, batch_size), stats, model)
 
 
-def run_embeddings(batches, *, model, endpoint, batch_size, concurrency, timeout, max_retries, fail_on_error):
+def run_embeddings(batches, *, model, endpoint, batch_size, concurrency, timeout, max_retries, fail_on_error,
+                   stats=None):
     import pyarrow as pa
 
     from ..protocol import arrow
-    from ..transport import post_arrow
+    from ..transport import last_retries, post_arrow
 
     def submit(chunk):
         if pa.types.is_large_string(chunk.type):
@@ -119,6 +189,6 @@ def run_embeddings(batches, *, model, endpoint, batch_size, concurrency, timeout
         errors = [e for e in table.column("error").to_pylist() if e]
         if errors and fail_on_error:
             raise RequestError(f"model {model!r} could not embed a row: {errors[0]}")
-        return table.column("embedding").combine_chunks()
+        return table.column("embedding").combine_chunks(), (len(chunk), 1, len(errors), last_retries(), 0, 0)
 
-    yield from windowed(batches, submit, concurrency, batch_size)
+    yield from counted(windowed(batches, submit, concurrency, batch_size), stats, model)
