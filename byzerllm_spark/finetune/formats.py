@@ -5,7 +5,7 @@ Every format is normalised to one shape, a list of ``{"role": ..., "content": ..
 the loss mask is the same for all of them:
 
 ========  =========================================================================================
-format    columns (seed 003 for the first two)
+format    columns (Byzer-LLM's finetune docs for the first two)
 ========  =========================================================================================
 alpaca    ``instruction string, input string, output string, history array<array<string>>``
           (``input`` and ``history`` optional; ``history`` is ``[[question, answer], ...]``)
