@@ -135,6 +135,11 @@ def _stop_group(pgid: int) -> None:
         time.sleep(2)
 
 
+# Ray waits a fixed 30 s for a new node's raylet to register; on a machine shared with other heavy
+# test runs it can miss that, which says nothing about the README. Such a section runs once more.
+RAY_START_TIMEOUT = "The current node timed out during startup"
+
+
 def _failure(log: str, line) -> str:
     start = log.rfind(f"{MARK}{line} ") if line not in (None, "cleanup") else -1
     start = log.rfind(MARK) if start < 0 else start
@@ -143,14 +148,13 @@ def _failure(log: str, line) -> str:
     return "\n".join(tail)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("section", list(SECTIONS), ids=_slug)
-def test_section(section, workdir):
-    copy, env = workdir
+def _run_section(section: str, copy: Path, env: dict) -> tuple[dict | None, str, float, int]:
+    """Run one section's blocks in a fresh interpreter: (outcome or None on timeout, output, seconds, exit code)."""
     blocks = SECTIONS[section]
     plan = copy.parent / f"plan-{_slug(section)}.json"
     result = copy.parent / f"result-{_slug(section)}.json"
     log_path = copy.parent / f"log-{_slug(section)}.txt"
+    result.unlink(missing_ok=True)
     plan.write_text(json.dumps({"blocks": [b.__dict__ for b in blocks], "result": str(result)}))
     started = time.monotonic()
     with open(log_path, "w") as log:
@@ -163,14 +167,23 @@ def test_section(section, workdir):
         finally:
             _stop_group(proc.pid)
             proc.wait()
-    elapsed = time.monotonic() - started
-    output = log_path.read_text(errors="replace")
-    if not result.exists():
+    outcome = json.loads(result.read_text()) if result.exists() else None
+    return outcome, log_path.read_text(errors="replace"), time.monotonic() - started, proc.returncode
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("section", list(SECTIONS), ids=_slug)
+def test_section(section, workdir):
+    copy, env = workdir
+    outcome, output, elapsed, code = _run_section(section, copy, env)
+    if outcome and outcome["failed"] is not None and RAY_START_TIMEOUT in output:
+        print(f"'{section}': Ray did not start in time (an overloaded machine); running the section again")
+        outcome, output, elapsed, code = _run_section(section, copy, env)
+    if outcome is None:
         running = re.findall(re.escape(MARK) + r"(\S+) ", output)
         where = f"README.md:{running[-1]}" if running else "before the first block"
-        pytest.fail(f"section '{section}' did not finish in {SECTION_TIMEOUT_S} s (exit {proc.returncode}); "
+        pytest.fail(f"section '{section}' did not finish in {SECTION_TIMEOUT_S} s (exit {code}); "
                     f"it was running {where}:\n{_failure(output, None)}")
-    outcome = json.loads(result.read_text())
     failed = outcome["failed"]
     print(f"'{section}' ran in {elapsed:.0f} s; seconds per README line: {outcome['seconds']}")
     if failed is not None:
