@@ -190,6 +190,35 @@ def _run_block(block: Block, namespace: dict) -> None:
         subprocess.run(["bash", "-e", "-o", "pipefail", "-c", block.code], check=True)
 
 
+def _dashboard_agent_port_if_taken() -> None:
+    """Let this section's Ray take a free dashboard agent port when another Ray holds the fixed one.
+
+    Ray's dashboard agent listens on 52365, and ``ray.init`` has no argument to change it. Where
+    another Ray runs on the machine (the test session's own cluster when the whole suite runs, or
+    another run), this section's agent cannot bind, and its Ray takes no jobs: ``bls.sft`` fails
+    with "No available agent to submit job". The README is not at fault, so the harness asks Ray
+    for a free port (0), which its agent supports, instead.
+    """
+    import socket
+
+    try:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 52365))
+        return
+    except OSError:
+        pass
+    from ray._private.parameter import RayParams
+
+    original = RayParams.__init__
+
+    def init(self, *args, **kwargs):
+        kwargs.setdefault("dashboard_agent_listen_port", 0)
+        original(self, *args, **kwargs)
+
+    RayParams.__init__ = init
+    print("readme-test: port 52365 is taken by another Ray here; this section's dashboard agent takes a free one")
+
+
 def _cleanup(namespace: dict) -> None:
     """Stop what the section started: Spark first (its UDFs call Serve), then Serve and Ray."""
     if "pyspark" in sys.modules:
@@ -219,6 +248,7 @@ def main(plan_path: str) -> int:
     blocks = [Block(**b) for b in plan["blocks"]]
     sys.path[0] = ""  # like `python` at a prompt: the working directory is importable
     namespace = {"__name__": "__main__", "__builtins__": builtins}
+    _dashboard_agent_port_if_taken()
     failed = None
     seconds: dict[str, float] = {}
     try:
