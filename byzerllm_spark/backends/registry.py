@@ -136,7 +136,7 @@ def load_plugin(kind: str):
                 f"pretrained_model_type={kind!r}: plugin module {module_name!r} failed to import: {exc}"
             ) from exc
         raise BackendNotFoundError(
-            f"pretrained_model_type={kind!r}: plugin module {module_name!r} cannot be imported (none is installed). "
+            f"pretrained_model_type={kind!r}: no plugin module {module_name!r} is installed (it cannot be imported). "
             f"Available: {', '.join(available_model_types())}. Byzer-LLM's built-in model types "
             "(llama, chatglm, ...) are served here by 'custom/auto' with infer_backend='transformers' or "
             "'llama_cpp'"
