@@ -15,7 +15,8 @@ import textwrap
 
 import pytest
 
-pytestmark = pytest.mark.slow
+from byzerllm_spark import cluster
+from byzerllm_spark.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join(ROOT, "examples", "quickstart.py")
@@ -53,6 +54,7 @@ def quickstart_results(lines: list[str]) -> tuple[list[str], list[str]]:
 ALLOWED = ("Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect it.",)
 
 
+@pytest.mark.slow
 def test_quickstart_prints_only_its_results(tmp_path):
     lines = run_child([QUICKSTART], tmp_path)
     results, others = quickstart_results(lines)
@@ -62,6 +64,7 @@ def test_quickstart_prints_only_its_results(tmp_path):
     assert unexpected == [] and len(others) <= 1, "\n".join(others)
 
 
+@pytest.mark.slow
 def test_log_level_info_brings_the_logs_back(tmp_path):
     lines = run_child([QUICKSTART], tmp_path, BYZERLLM_LOG_LEVEL="INFO")
     results, others = quickstart_results(lines)
@@ -98,6 +101,7 @@ SQL_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_sql_query_prints_only_its_results(tmp_path):
     script = tmp_path / "sql_quiet.py"
     script.write_text(SQL_SCRIPT)
@@ -107,3 +111,21 @@ def test_sql_query_prints_only_its_results(tmp_path):
     # registered function" lines); with pandas < 3, PySpark has no pandas warning to give; llama.cpp loads
     # and answers without its own log.
     assert ours == ["3000", "hi", "True"], "\n".join(lines)
+
+
+def test_log_level_reaches_ray_and_serve(monkeypatch):
+    monkeypatch.setenv("BYZERLLM_LOG_LEVEL", "WARNING")  # restored afterwards: init(log_level=) sets it
+    monkeypatch.delenv("BYZERLLM_LOG_LEVEL")
+    assert cluster.serve_logging_config() == {"enable_access_log": False, "log_level": "ERROR"}
+    assert cluster._quiet_workers({"env_vars": {"TQDM_DISABLE": "0", "A": "1"}}, "WARNING") == {
+        "env_vars": {"TQDM_DISABLE": "0", "A": "1"}}  # the caller's own value wins
+    assert cluster._quiet_workers(None, "WARNING") == {"env_vars": {"TQDM_DISABLE": "1"}}
+    assert cluster._set_log_level("info") == "INFO" and os.environ["BYZERLLM_LOG_LEVEL"] == "INFO"
+    assert cluster.serve_logging_config()["log_level"] == "INFO" and cluster._quiet_workers(None, "INFO") is None
+    with pytest.raises(ConfigError, match="log_level='loud' is not valid"):
+        cluster._set_log_level("loud")
+    monkeypatch.setenv("BYZERLLM_LOG_LEVEL", "chatty")
+    with pytest.raises(ConfigError, match="BYZERLLM_LOG_LEVEL"):
+        cluster._set_log_level(None)
+    monkeypatch.setenv("BYZERLLM_LOG_LEVEL", "WARNING")
+    assert cluster._set_log_level(None) == "WARNING"
