@@ -113,8 +113,9 @@ class Reporter:
         self._last_put = self.state["updated"]
         try:
             put(self.job_id, "progress", self.state)
-        except Exception:
-            pass
+        except Exception as exc:  # progress must never fail a training run, but say why it is missing
+            print(f"[byzerllm {self.job_id}] progress not published: {type(exc).__name__}: {exc}", file=sys.stderr,
+                  flush=True)
         if self.output_dir:
             try:
                 os.makedirs(self.output_dir, exist_ok=True)

@@ -91,6 +91,11 @@ def run_sfft(spec: JobSpec, dataset, servers, reporter) -> dict[str, Any]:
     )
     result = trainer.fit()
     metrics = dict(result.metrics or {})
+    # Rank 0's last progress (epoch losses, checkpoint) also comes back with Ray Train's result, so
+    # the job's final status does not hang on the workers' key-value writes alone.
+    progress = metrics.pop("progress", None) or {}
+    reporter.state.update({k: v for k, v in progress.items() if k not in ("phase", "started")})
+    reporter._publish()
     return {"final": os.path.join(output, "final"), "checkpoint": result.checkpoint.path if result.checkpoint else None,
             "metrics": metrics, "resumed_from": resume_from}
 
@@ -284,7 +289,8 @@ def _train_loop(cfg: dict[str, Any]) -> None:
             dist.barrier()
         from ray.train import CheckpointUploadMode
 
-        ray.train.report({"epoch": epoch, "loss": epoch_loss, "global_step": global_step},
+        progress = json.loads(json.dumps(reporter.state)) if reporter is not None else {}  # a copy, as sent
+        ray.train.report({"epoch": epoch, "loss": epoch_loss, "global_step": global_step, "progress": progress},
                          checkpoint=Checkpoint.from_directory(ckpt) if rank == 0 else None,
                          checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
     if rank == 0:
