@@ -378,14 +378,14 @@ def resume_job(job: Any, *, detached: bool | None = None, progress: bool = True)
     spec = spec.replace(job_id=f"{base_id}-r{n}", resume=True, resumes=base_id,
                         detached=spec.detached if detached is None else bool(detached))
     try:
-        if spec.data is None:
-            raise ValueError("no data servers")
-        spec.data.handles()
+        alive = spec.data is not None and bool(spec.data.handles())
     except ValueError:  # Ray: no actor of that name
+        alive = False
+    if not alive:
         raise JobError(
             f"job {base_id!r} cannot be resumed: its data servers are gone (the job succeeded, or was cancelled "
             "with purge=True, or the cluster restarted); submit it again with bls.sft/bls.sfft"
-        ) from None
+        )
     return submit(spec, progress=progress)
 
 
