@@ -25,7 +25,8 @@ CHUNK = 64 << 10  # small chunks so small files still span several rows
 
 def make_model_dir(path, seed: int = 0, big: int = 300_000):
     """A small checkpoint-shaped directory: a multi-chunk weight file, JSON, an empty file, a
-    nested file and a symlinked file (as in Hugging Face snapshots)."""
+    nested file and a symlinked file pointing inside the directory (Hugging Face snapshots' links
+    into their cache repo are tested in test_hugging_face_snapshot_links_are_followed)."""
     import random
 
     rnd = random.Random(seed)
@@ -34,9 +35,7 @@ def make_model_dir(path, seed: int = 0, big: int = 300_000):
     (path / "config.json").write_text(f'{{"hidden_size": {64 + seed}}}')
     (path / "empty.txt").write_bytes(b"")
     (path / "tokenizer" / "vocab.txt").write_text("\n".join(f"tok{i}" for i in range(500)))
-    blob = path.parent / f"blob-{path.name}"
-    blob.write_bytes(rnd.randbytes(5000))
-    os.symlink(blob, path / "linked.bin")
+    os.symlink(os.path.join("tokenizer", "vocab.txt"), path / "linked.bin")
     return path
 
 
@@ -276,6 +275,41 @@ def test_symlink_cycle_in_model_dir_is_not_followed(model, tmp_path, cache):
     assert history["files"] == 5
     os.remove(model / "tokenizer" / "up")
     assert_same_tree(model, mt.load_model_table(table, cache_dir=cache))
+
+
+@pytest.mark.parametrize("target", ["/", "outside-dir", "outside-file"])
+def test_symlink_leaving_the_model_dir_is_refused(model, tmp_path, target):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.txt").write_text("not part of the model")
+    link = model / "tokenizer" / "escape"
+    os.symlink({"/": "/", "outside-dir": str(outside), "outside-file": str(outside / "secret.txt")}[target], link)
+    table = str(tmp_path / "escape")
+    with pytest.raises(ModelTableError) as err:
+        mt.save_model_table(model, table, chunk_size=CHUNK)
+    message = str(err.value)
+    assert "escape" in message and "outside the model directory" in message and "save again" in message
+    assert not os.path.exists(table)  # refused before anything was written
+    os.symlink("../../outside/secret.txt", model / "relative-escape")  # a relative link out is refused too
+    os.remove(link)
+    with pytest.raises(ModelTableError, match="relative-escape"):
+        mt.save_model_table(model, table, chunk_size=CHUNK)
+
+
+def test_hugging_face_snapshot_links_are_followed(tmp_path, cache):
+    repo = tmp_path / "hub" / "models--org--tiny"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot = repo / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (repo / "blobs" / "f00d").write_bytes(b"weights" * 1000)
+    (repo / "blobs" / "beef").write_text("{}")
+    os.symlink("../../blobs/f00d", snapshot / "model.safetensors")
+    os.symlink("../../blobs/beef", snapshot / "config.json")
+    table = str(tmp_path / "hf")
+    mt.save_model_table(snapshot, table, chunk_size=CHUNK)
+    loaded = mt.load_model_table(table, cache_dir=cache)
+    assert open(os.path.join(loaded, "model.safetensors"), "rb").read() == b"weights" * 1000
+    assert not os.path.islink(os.path.join(loaded, "config.json"))
 
 
 def test_versions_time_travel_and_history(tmp_path, wh, cache):

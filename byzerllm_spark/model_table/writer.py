@@ -66,7 +66,8 @@ def save_model_table(
 
     Args:
         model_dir: local directory (str or ``os.PathLike``) with the model files;
-            subdirectories and symlinked files, as in Hugging Face snapshots, are followed.
+            subdirectories and symlinks inside it (and, for a Hugging Face snapshot, into its cache
+            repo's ``blobs/``) are followed; a symlink that leaves it is refused.
         table: ``"ai_model.llama2_300"``, a path or a URI (see ``resolve_table_uri``).
         metadata: JSON-serialisable dict kept with this version (model type, base model,
             training parameters...); returned by ``model_table_history``. Default None: ``{}``.
@@ -82,7 +83,8 @@ def save_model_table(
         ConfigError: ``model_dir`` is missing, not a directory or empty; or a bad ``table``,
             ``mode``, ``chunk_size`` or ``metadata``.
         ModelTableError: the table exists and ``mode="error"``, the location holds a Delta table
-            that is not a model table, a file changed while it was read, or the commit failed
+            that is not a model table, a symlink leaves ``model_dir``, a file changed while it was
+            read, or the commit failed
             (a conflict with a concurrent writer: retry).
 
     Example:
@@ -309,19 +311,49 @@ class _SourceFile:
     digests: list[bytes] = field(default_factory=list)
 
 
+def _link_boundary(model_dir: str) -> str:
+    """The folder symlinks under ``model_dir`` may point into: the model directory itself, or, for a
+    Hugging Face cache snapshot (``models--org--name/snapshots/<rev>``, whose files are links to
+    ``../../blobs/<sha>``), that cache repo folder."""
+    real = os.path.realpath(model_dir)
+    parent = os.path.dirname(os.path.abspath(model_dir))
+    if os.path.basename(parent) == "snapshots" and os.path.basename(os.path.dirname(parent)).startswith("models--"):
+        return os.path.realpath(os.path.dirname(parent))
+    return real
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _outside_link_error(link: str, target: str, model_dir: str) -> ModelTableError:
+    return ModelTableError(
+        f"{link!r} in model_dir={model_dir!r} is a symlink to {target!r}, outside the model directory; "
+        "links that leave the model directory are never followed (a link to '/' or to a file elsewhere "
+        "would copy the rest of the machine into the table): copy the file into the model directory "
+        "(or remove the link) and save again"
+    )
+
+
 def _scan_model_dir(model_dir: str) -> list[_SourceFile]:
-    """Regular files under ``model_dir`` (symlinks followed, as in Hugging Face snapshots)."""
+    """Regular files under ``model_dir``. Symlinks are followed while they stay inside the model
+    directory (or a Hugging Face snapshot's cache repo, see :func:`_link_boundary`); one that leaves it
+    raises :class:`ModelTableError` naming the link and its target."""
     files: list[_SourceFile] = []
+    boundary = _link_boundary(model_dir)
     for root, dirs, names in os.walk(model_dir, followlinks=True):
         real = os.path.realpath(root)
+        for d in dirs:
+            target = os.path.realpath(os.path.join(root, d))
+            if not _inside(target, boundary):
+                raise _outside_link_error(os.path.join(root, d), target, model_dir)
         # A symlinked directory that leads back to an ancestor would make the walk endless.
-        dirs[:] = sorted(
-            d for d in dirs
-            if not (real + os.sep).startswith(os.path.realpath(os.path.join(root, d)) + os.sep)
-        )
+        dirs[:] = sorted(d for d in dirs if not _inside(real, os.path.realpath(os.path.join(root, d))))
         for name in sorted(names):
             full = os.path.join(root, name)
             rel = os.path.relpath(full, model_dir).replace(os.sep, "/")
+            if os.path.islink(full) and os.path.exists(full) and not _inside(os.path.realpath(full), boundary):
+                raise _outside_link_error(full, os.path.realpath(full), model_dir)
             try:
                 st = os.stat(full)
             except FileNotFoundError as exc:
