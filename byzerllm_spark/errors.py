@@ -68,6 +68,24 @@ class SaasError(RequestError):
         return {"http_status": str(self.status), "retries": str(self.retries)}
 
 
+#: Vendor statuses that, passed on as they are, would make our caller blame its own credentials or its
+#: own URL (the vendor refused *the deployment's* ``saas.api_key`` or ``saas.model``): answered as 502.
+UPSTREAM_FAULTS = frozenset({401, 403, 404, 407})
+
+
+def answer_status(upstream: int | str | None) -> int:
+    """The HTTP status a route of ours answers for an error whose upstream (a SaaS vendor) said
+    ``upstream``: its auth and not-found errors become 502 Bad Gateway (the message says which vendor
+    and to check ``saas.api_key``); a quota 429 and other statuses pass on; anything else is 500."""
+    try:
+        status = int(upstream)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return 500
+    if status in UPSTREAM_FAULTS:
+        return 502
+    return status if 400 <= status < 600 else 500
+
+
 def not_deployed(model: str, deployed: list[str], where: str | None = None) -> ModelNotFoundError:
     """The one "model is not deployed" error: names the model, where it was looked for, and what is there."""
     at = f" at {where}" if where else ""

@@ -31,6 +31,11 @@ HOME_ENV = "BYZERLLM_HOME"
 WAREHOUSE_ENV = "BYZERLLM_WAREHOUSE"
 MODEL_CACHE_ENV = "BYZERLLM_MODEL_CACHE"
 CACHE_DIR_ENV = "BYZERLLM_CACHE_DIR"
+#: Seconds a request to a model keeps retrying connection errors and 5xx after its first failure.
+RETRY_SECONDS_ENV = "BYZERLLM_RETRY_SECONDS"
+#: A Serve proxy killed by hand was back after 23-30 s (three kills, 2-core machine); 60 s outlasts
+#: that with room, and a head node's restart on a small cluster. Raise it for bigger clusters.
+DEFAULT_RETRY_SECONDS = 60.0
 
 DEFAULT_HTTP_PORT = 8000
 DEFAULT_LOG_LEVEL = "WARNING"

@@ -308,3 +308,46 @@ def test_api_key_never_leaks(deployed, upstream, spark, capfd):
                 leaked.append(path)
     assert not leaked, leaked
     assert scanned > 10 and mentions > 0, (session_dir, scanned, mentions)  # the logs of this very session
+
+
+def test_vendor_auth_errors_are_answered_as_bad_gateway():
+    from byzerllm_spark.errors import answer_status
+
+    assert [answer_status(s) for s in (401, 403, 404, 407)] == [502] * 4  # the vendor's refusal, not the caller's
+    assert [answer_status(s) for s in (400, 429, 503, "500")] == [400, 429, 503, 500]
+    assert answer_status(None) == answer_status("x") == answer_status(200) == 500
+
+
+@pytest.mark.slow
+def test_vendor_401_blames_the_vendor_on_every_surface(deployed, upstream, spark):
+    """The vendor refuses the deployment's saas.api_key: every surface says so, none asks the caller for
+    its own bearer token, and no HTTP answer is a 401/403 (which clients read as their own credentials)."""
+    import requests
+
+    import byzerllm_spark as bls
+    from byzerllm_spark.errors import RequestError
+
+    deployed("saas_refused", pretrained_model_type="saas/openai",
+             infer_params={"saas.api_key": "sk-wrong", "saas.base_url": upstream.base_url, "saas.model": "leaky"})
+    messages: list[str] = []
+    for call in (lambda: bls.chat("saas_refused", "x"), lambda: list(bls.stream_chat("saas_refused", "x"))):
+        with pytest.raises(RequestError) as err:
+            call()
+        messages.append(str(err.value))
+    bls.register_model_function(spark, "saas_refused", fail_on_error=False)
+    (row,) = spark.sql("SELECT saas_refused(llm_param(map('instruction', 'x'))) AS r").collect()
+    messages.append(row.r.error)
+    url = bls.endpoint() + "/v1"
+    chat = {"model": "saas_refused", "messages": [{"role": "user", "content": "x"}]}
+    for path, body in (("/chat/completions", chat), ("/chat/completions", {**chat, "stream": True}),
+                       ("/completions", {"model": "saas_refused", "prompt": "x"})):
+        resp = requests.post(url + path, json=body, timeout=60)
+        assert resp.status_code == 502, (path, body, resp.status_code, resp.text)
+        assert resp.json()["error"]["type"] == "server_error"
+        messages.append(resp.json()["error"]["message"])
+    resp = requests.post(f"{bls.endpoint()}/saas_refused/stream", json={"instruction": "x"}, timeout=60)
+    assert resp.status_code == 502
+    messages.append(resp.text)
+    for message in messages:
+        assert "HTTP 401" in message and "check saas.api_key" in message and upstream.base_url in message, message
+        assert "auth_token" not in message and "bearer token" not in message, message

@@ -30,13 +30,16 @@ def request_batch(endpoint: str, model: str, params: Sequence[Any], **kwargs: An
     return arrow.decode_results(transport.post_arrow(endpoint, model, arrow.encode_params(encoded), **kwargs))
 
 
-def chat(model: str, instruction: str | None = None, *, endpoint: str | None = None, **params: Any) -> str:
+def chat(model: str, instruction: str | None = None, *, endpoint: str | None = None,
+         retry_seconds: float | None = None, **params: Any) -> str:
     """Ask a deployed model one question and return the answer text.
 
     Args:
         model: the deployed model's name.
         instruction: the user's question (or pass ``messages=[...]`` OpenAI-style instead).
         endpoint: base URL; default ``bls.endpoint()``.
+        retry_seconds: how long to keep retrying connection errors and 5xx (a Serve proxy or worker
+            that restarts); default ``$BYZERLLM_RETRY_SECONDS``, else 60.
         **params: the ``llm_param`` keys: ``temperature``, ``max_length``, ``top_p``,
             ``system_msg``, ``history``, ``user_role``, ``assistant_role``, ``messages``, and
             ``generation_<name>`` (or ``**{"generation.<name>": v}``) for model-specific values.
@@ -49,7 +52,8 @@ def chat(model: str, instruction: str | None = None, *, endpoint: str | None = N
         >>> bls.chat("chat", "What is the capital of France?", temperature=0, max_length=32)  # doctest: +SKIP
         'The capital of France is Paris.'
     """
-    (result,) = chat_batch(model, [build_params(instruction, **params)], endpoint=endpoint, raise_on_error=True)
+    (result,) = chat_batch(model, [build_params(instruction, **params)], endpoint=endpoint, raise_on_error=True,
+                           retry_seconds=retry_seconds)
     return result
 
 
@@ -59,12 +63,13 @@ def stream_chat(
     *,
     endpoint: str | None = None,
     timeout: float = DEFAULT_TIMEOUT,
+    retry_seconds: float | None = None,
     **params: Any,
 ) -> Iterator[str]:
     """Ask a deployed model one question; yield the answer's text pieces as they come.
 
-    Takes the arguments of :func:`chat`. Backends that stream (SaaS vendors, llama.cpp, plugins
-    returning a generator) yield many pieces; the others one.
+    Takes the arguments of :func:`chat` (``retry_seconds`` applies until the answer starts). Backends
+    that stream (SaaS vendors, llama.cpp, plugins returning a generator) yield many pieces; the others one.
 
     Raises:
         ModelNotFoundError: the model is not deployed (lists the deployed ones).
@@ -76,7 +81,7 @@ def stream_chat(
     """
     endpoint = _endpoint(endpoint)
     body = json.dumps(build_params(instruction, **params), ensure_ascii=False).encode("utf-8")
-    for item in transport.stream(endpoint, model, body, timeout=timeout):
+    for item in transport.stream(endpoint, model, body, timeout=timeout, retry_seconds=retry_seconds):
         if "text" in item:
             yield item["text"]
         elif "error" in item:
@@ -94,6 +99,7 @@ def chat_batch(
     with_metadata: bool = False,
     batch_size: int = 1000,
     progress: bool | None = None,
+    retry_seconds: float | None = None,
 ) -> list:
     """Send many requests at once, answered in order.
 
@@ -105,6 +111,7 @@ def chat_batch(
         with_metadata: return dicts ``{"response", "error", "metadata"}`` instead of texts.
         batch_size: rows per request.
         progress: a progress bar of rows answered. Default: on a terminal, once a call has taken 2 s.
+        retry_seconds: as in :func:`chat`.
 
     Returns:
         One entry per request: the answer text (None for a failed row unless raise_on_error),
@@ -117,7 +124,7 @@ def chat_batch(
     out: list = []
     with _progress_bar(len(items), f"chat_batch {model}", progress) as bar:
         for start in range(0, len(items), batch_size):
-            table = request_batch(endpoint, model, items[start : start + batch_size])
+            table = request_batch(endpoint, model, items[start : start + batch_size], retry_seconds=retry_seconds)
             responses = table.column("response").to_pylist()
             errors = table.column("error").to_pylist()
             metadata = table.column("metadata").to_pylist()
@@ -142,10 +149,13 @@ def _progress_bar(total: int, desc: str, progress: bool | None):
                 delay=2.0 if auto else 0)
 
 
-def embed(model: str, texts: Sequence[str], *, endpoint: str | None = None) -> list[list[float]]:
-    """Embeddings of ``texts`` from a model deployed with an embedding backend."""
+def embed(model: str, texts: Sequence[str], *, endpoint: str | None = None,
+          retry_seconds: float | None = None) -> list[list[float]]:
+    """Embeddings of ``texts`` from a model deployed with an embedding backend (``retry_seconds`` as in
+    :func:`chat`)."""
     endpoint = _endpoint(endpoint)
-    body = transport.post_arrow(endpoint, model, arrow.encode_params(list(texts)), route="embed")
+    body = transport.post_arrow(endpoint, model, arrow.encode_params(list(texts)), route="embed",
+                                retry_seconds=retry_seconds)
     table = arrow.decode_results(body)
     errors = [e for e in table.column("error").to_pylist() if e]
     if errors:

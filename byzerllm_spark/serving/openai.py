@@ -25,7 +25,7 @@ import uuid
 from typing import Any
 
 from ..auth import authorized, stored_digest, unauthorized_response
-from ..errors import RequestParseError, not_deployed
+from ..errors import RequestParseError, answer_status, not_deployed
 from ..protocol import sse
 from ..protocol.request import parse_request
 from ..settings import DEPLOYMENT_NAME, OPENAI_APP, OPENAI_ROUTE
@@ -182,12 +182,7 @@ def _checked(mapping, body: dict[str, Any]):
 
 def _row_error(row: dict | None) -> OpenAIError:
     meta = (row or {}).get("metadata") or {}
-    try:
-        status = int(meta.get("http_status", 500))
-    except (TypeError, ValueError):
-        status = 500
-    if not 400 <= status < 600:
-        status = 500
+    status = answer_status(meta.get("http_status", 500))  # a vendor's 401 is a 502 here
     return OpenAIError((row or {}).get("error") or "the model returned no answer", status=status)
 
 

@@ -25,7 +25,7 @@ from typing import Any
 from ..auth import authorized, stored_digest, unauthorized_response
 from ..backends import registry
 from ..backends.base import ChatResult
-from ..errors import RequestParseError
+from ..errors import RequestParseError, answer_status
 from ..protocol import arrow, sse
 from ..protocol.request import parse_request
 
@@ -319,10 +319,12 @@ class ModelWorker:
 
 
 def _error_item(exc: Exception) -> dict[str, Any]:
-    """An error as a handle item; errors that carry an HTTP ``status`` (SaaS) keep it and their text."""
+    """An error as a handle item; errors that carry an upstream HTTP ``status`` (SaaS) keep their text,
+    with the status a caller should see (:func:`~byzerllm_spark.errors.answer_status`: a vendor's 401
+    is a 502 here, never a 401 that reads as the caller's own token being wrong)."""
     status = getattr(exc, "status", None)
     if isinstance(status, int) and 400 <= status < 600:
-        return {"error": str(exc), "status": status}
+        return {"error": str(exc), "status": answer_status(status)}
     return {"error": f"{type(exc).__name__}: {exc}", "status": 500}
 
 

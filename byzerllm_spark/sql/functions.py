@@ -179,7 +179,8 @@ def model_function(
     concurrency: int | None = None,
     endpoint: str | None = None,
     timeout: float = 600.0,
-    max_retries: int = 5,
+    max_retries: int | None = None,
+    retry_seconds: float | None = None,
 ):
     """The Spark function that calls a deployed model (DataFrame API).
 
@@ -193,7 +194,11 @@ def model_function(
             Spark's default parallelism, at least 2), so a small Spark cluster keeps more workers
             busy than it has cores.
         endpoint: base URL the executors use; default ``bls.endpoint()``.
-        timeout, max_retries: per request; connection errors and 5xx are retried with backoff.
+        timeout: seconds per request.
+        retry_seconds: how long a request keeps retrying connection errors and 5xx (with backoff)
+            after its first failure; default ``$BYZERLLM_RETRY_SECONDS`` on the driver, else 60, which
+            outlasts a Serve proxy restart.
+        max_retries: also caps the number of retries; default None (only ``retry_seconds``).
 
     Returns:
         An Arrow UDF taking the ``llm_param`` JSON column. Embedding models return ``array<float>``.
@@ -211,6 +216,7 @@ def model_function(
     from .udf import run_embeddings, run_requests
 
     check_python()
+    retry_seconds = transport.retry_seconds(retry_seconds)  # read on the driver: executors use the same
     if endpoint is None:
         from ..cluster import endpoint as cluster_endpoint
 
@@ -228,7 +234,8 @@ def model_function(
     check_int("concurrency", concurrency, 1, 4)
     options = dict(
         model=model, endpoint=endpoint, batch_size=batch_size, concurrency=concurrency,
-        timeout=timeout, max_retries=max_retries, fail_on_error=fail_on_error, stats=_stats_accumulator(),
+        timeout=timeout, max_retries=max_retries, retry_seconds=retry_seconds, fail_on_error=fail_on_error,
+        stats=_stats_accumulator(),
     )
     if info.get("embedding"):
         def embed_fn(batches):

@@ -123,7 +123,7 @@ def as_request_json(array):
 
 
 def run_requests(batches, *, model, endpoint, batch_size, concurrency, timeout, max_retries, fail_on_error,
-                 stats=None):
+                 stats=None, retry_seconds=None):
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -135,7 +135,8 @@ def run_requests(batches, *, model, endpoint, batch_size, concurrency, timeout, 
         body = arrow.encode_params(chunk)
         try:
             table = arrow.decode_results(
-                post_arrow(endpoint, model, body, timeout=timeout, max_retries=max_retries)
+                post_arrow(endpoint, model, body, timeout=timeout, max_retries=max_retries,
+                           retry_seconds=retry_seconds)
             )
         except ModelNotFoundError:
             raise
@@ -173,7 +174,7 @@ def run_requests(batches, *, model, endpoint, batch_size, concurrency, timeout, 
 
 
 def run_embeddings(batches, *, model, endpoint, batch_size, concurrency, timeout, max_retries, fail_on_error,
-                   stats=None):
+                   stats=None, retry_seconds=None):
     import pyarrow as pa
 
     from ..protocol import arrow
@@ -184,7 +185,8 @@ def run_embeddings(batches, *, model, endpoint, batch_size, concurrency, timeout
             chunk = chunk.cast(pa.string())
         body = arrow.encode_params(chunk)
         table = arrow.decode_results(
-            post_arrow(endpoint, model, body, route="embed", timeout=timeout, max_retries=max_retries)
+            post_arrow(endpoint, model, body, route="embed", timeout=timeout, max_retries=max_retries,
+                       retry_seconds=retry_seconds)
         )
         errors = [e for e in table.column("error").to_pylist() if e]
         if errors and fail_on_error:
