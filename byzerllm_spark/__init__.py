@@ -39,6 +39,8 @@ _EXPORTS = {
     "register_model_function": "sql.functions",
     "resolve_table_uri": "model_table",
     "resume_job": "finetune",
+    "run_script": "script",
+    "ScriptSession": "script",
     "save_model_table": "model_table",
     "sfft": "finetune",
     "sft": "finetune",

@@ -9,8 +9,9 @@
     byzerllm undeploy --model chat
     byzerllm stop
     byzerllm submit examples/spark_submit_job.py     # spark-submit from this environment
+    byzerllm run deploy.byzer                        # a Byzer-LLM script, statements as written
 
-Every command but ``start``, ``stop`` and ``submit`` joins the local cluster ``byzerllm start``
+Every command but ``start``, ``stop``, ``submit`` and ``run`` joins the local cluster ``byzerllm start``
 started (or one embedded in another Python process on this machine), or ``--ray_address``.
 Errors are one line on stderr and exit code 1; ``--debug`` (or ``BYZERLLM_LOG_LEVEL=DEBUG``) adds
 the traceback and Ray's logs.
@@ -133,6 +134,17 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--temperature", type=float, default=None, help="sampling temperature; 0 is greedy")
     query.add_argument("--max_length", type=int, default=None, help="most new tokens of the answer")
 
+    run = sub.add_parser(
+        "run", help="run a Byzer-LLM script (!byzerllm setup, run command as LLM, load, save, set, select)",
+        description="Run a Byzer-LLM script file as written: statements end with ';'. Ray is joined or started "
+                    "(the script's rayAddress, else the local cluster of `byzerllm start`, else an embedded one that "
+                    "ends with this command); Spark runs in local mode. Prints what each statement did and the rows "
+                    "of the last select.",
+    )
+    run.add_argument("--debug", **debug)
+    run.add_argument("script", metavar="FILE", help="the script file (- for standard input)")
+    run.add_argument("--show", type=int, default=20, metavar="N", help="rows of the last select to print (default: 20)")
+
     submit = sub.add_parser(
         "submit", prefix_chars="+", add_help=False,  # every argument after `submit` is spark-submit's
         help="run spark-submit from this environment, activated or not",
@@ -253,13 +265,49 @@ def _submit(args: argparse.Namespace) -> int:
     return subprocess.call([os.path.join(spark_home, "bin", "spark-submit"), *args.spark_submit_args], env=env)
 
 
+def _run_script(args: argparse.Namespace) -> None:
+    from . import cluster
+    from .script import ScriptSession
+    from .script.parser import Select
+
+    if args.script == "-":
+        text = sys.stdin.read()
+    else:
+        try:
+            with open(args.script, encoding="utf-8") as f:
+                text = f.read()
+        except OSError as exc:
+            raise ConfigError(f"cannot read the script {args.script!r}: {exc.strerror}") from None
+    from .script.parser import parse
+
+    parse(text)  # a script that does not parse fails before Ray and Spark start
+    shared = cluster.find_local_cluster() is not None
+    session = ScriptSession()
+    result = session.run(text)
+    for item in result:  # (warnings were logged as each statement ran)
+        print(f"line {item.statement.line}: {item.summary}")
+    last = result.last
+    if last is not None and isinstance(last.statement, Select) and args.show > 0:
+        last.value.show(args.show, truncate=100)
+    elif last is not None and isinstance(last.value, str) and last.statement.kind == "statement":
+        print(last.value)  # a --%chat script's answer
+    if not shared and "ray" in sys.modules and any(r.statement.kind == "run" for r in result):
+        print("(the models ran in this command's own Ray and stop with it; `byzerllm start` keeps them running)",
+              file=sys.stderr)
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int | None]] = {
     "start": _start, "stop": _stop, "deploy": _deploy, "undeploy": _undeploy, "stat": _stat,
-    "workers": _workers, "list": _list, "query": _query, "submit": _submit,
+    "workers": _workers, "list": _list, "query": _query, "submit": _submit, "run": _run_script,
 }
 
 
 def _one_line(exc: BaseException) -> str:
+    from .script import ScriptError, ScriptSyntaxError
+
+    if isinstance(exc, (ScriptError, ScriptSyntaxError)):  # several lines: where in the script, what ran
+        text = str(exc)
+        return text if len(text) <= 4 * MAX_ERROR_CHARS else text[:4 * MAX_ERROR_CHARS] + "... (--debug: all of it)"
     text = " ".join(str(exc).split()) or "(no message)"
     if not isinstance(exc, ByzerLLMError):
         text = f"{type(exc).__name__}: {text}"

@@ -125,6 +125,7 @@ def init(
     runtime_env: dict | None = None,
     auth_token: str | None = None,
     log_level: str | None = None,
+    resources: dict[str, float] | None = None,
 ) -> ClusterInfo:
     """Connect to (or start) Ray and Ray Serve. Safe to call twice.
 
@@ -139,6 +140,8 @@ def init(
             machines must reach it; any other address requires ``auth_token``.
         http_port: port of the proxy; None takes 8000, or a free port when 8000 is taken.
         num_cpus, num_gpus: resources of the embedded Ray (default: what the machine has).
+        resources: custom resources of the embedded Ray's node, ``{"master": 1}`` (for
+            ``deploy(resources=...)``, Byzer-LLM's ``resource.<node>``); default None: none.
         spark: with ``ray_on_spark_workers``, start Ray on the Spark cluster
             (``ray.util.spark.setup_ray_cluster``) and join it.
         include_dashboard: start Ray's dashboard (needed for detached jobs); default: Ray decides.
@@ -179,7 +182,7 @@ def init(
     # A plain init() shares: it joins this library's local cluster, or starts one that others join.
     # Options that shape a new Ray (as the tests and benchmarks pass) ask for a private one.
     shared = ray_address is None and http_host == "127.0.0.1" and (num_cpus, num_gpus, http_port,
-                                                                    include_dashboard) == (None,) * 4
+                                                                    include_dashboard, resources) == (None,) * 5
     if shared:
         ray_address = _join_local()
 
@@ -198,6 +201,8 @@ def init(
             init_kwargs["num_gpus"] = num_gpus
         if include_dashboard is not None:
             init_kwargs["include_dashboard"] = include_dashboard
+        if resources:
+            init_kwargs["resources"] = dict(resources)
         # Ray starts workers at nice 15. Model workers are the point of this cluster: at nice 15
         # they lose the CPU to Spark executors and the driver on the same machine.
         init_kwargs["_system_config"] = {"worker_niceness": 0}

@@ -336,6 +336,7 @@ class DeployConfig:
     udf_name: str | None = None
     sys_conf: dict[str, Any] = field(default_factory=dict)
     local_path_prefix: str | None = None
+    resources: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not _MODEL_NAME.match(self.model):
@@ -346,6 +347,13 @@ class DeployConfig:
         _check_number("worker_concurrency", self.worker_concurrency, minimum=1, integer=True)
         _check_number("cpus_per_worker", self.cpus_per_worker, minimum=0.0)
         _check_number("gpus_per_worker", self.gpus_per_worker, minimum=0.0)
+        if not isinstance(self.resources, dict):
+            raise ConfigError(bad_value("resources", self.resources, "pass a dict of resource name to amount"))
+        for name, amount in self.resources.items():
+            if not isinstance(name, str) or not name or name in ("CPU", "GPU"):
+                raise ConfigError(bad_value("resources key", name, "name a custom Ray resource; CPU and GPU are "
+                                            "cpus_per_worker and gpus_per_worker"))
+            _check_number(f"resources[{name!r}]", amount, minimum=0.0)
         if self.load_balance not in LOAD_BALANCE_STRATEGIES:
             raise ConfigError(
                 bad_value("load_balance", self.load_balance, f"use one of {', '.join(LOAD_BALANCE_STRATEGIES)}")

@@ -82,3 +82,17 @@ def cache_dir() -> str:
 def log_level() -> str:
     """The log level of this library, Ray and Serve: ``$BYZERLLM_LOG_LEVEL``, default ``WARNING``."""
     return (os.environ.get(LOG_LEVEL_ENV) or DEFAULT_LOG_LEVEL).upper()
+
+
+def progress_disable() -> bool | None:
+    """tqdm's ``disable`` for bars shown only where someone watches: None (shown on a terminal, hidden in
+    logs and pipes) outside notebooks; False inside a Jupyter kernel, whose streams are no terminals
+    but whose bars (``tqdm.auto``: a widget) are watched."""
+    import sys
+
+    shell = sys.modules.get("IPython")
+    if shell is not None and "ipykernel" in sys.modules:
+        ip = shell.get_ipython() if hasattr(shell, "get_ipython") else None
+        if ip is not None and type(ip).__name__ == "ZMQInteractiveShell":
+            return False
+    return None

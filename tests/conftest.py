@@ -33,8 +33,9 @@ def pytest_sessionfinish(session, exitstatus):
 def cluster():
     import byzerllm_spark as bls
 
-    # The dashboard hosts Ray Jobs, which detached finetune jobs use.
-    info = bls.init(http_port=0, include_dashboard=True)
+    # The dashboard hosts Ray Jobs, which detached finetune jobs use. The node is also "master" (a custom
+    # resource), as the node of Byzer-LLM's finetune guide that `resource.master=0.01` pins a deploy to.
+    info = bls.init(http_port=0, include_dashboard=True, resources={"master": 1})
     yield info
     for model in bls.list_models():
         bls.undeploy(model)

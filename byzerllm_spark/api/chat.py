@@ -144,8 +144,10 @@ def _progress_bar(total: int, desc: str, progress: bool | None):
     and only after 2 s, so short calls and logs stay clean."""
     from tqdm.auto import tqdm
 
+    from ..settings import progress_disable
+
     auto = progress is None
-    return tqdm(total=total, desc=desc, unit="row", leave=False, disable=None if auto else not progress,
+    return tqdm(total=total, desc=desc, unit="row", leave=False, disable=progress_disable() if auto else not progress,
                 delay=2.0 if auto else 0)
 
 

@@ -44,6 +44,7 @@ def deploy(
     spark: Any = None,
     sys_conf: Mapping[str, Any] | None = None,
     local_path_prefix: str | None = None,
+    resources: Mapping[str, float] | None = None,
     **byzer_names: Any,
 ) -> DeployConfig:
     """Deploy a model as a Ray Serve application named ``model``.
@@ -69,6 +70,9 @@ def deploy(
         wait_ready_timeout: seconds to wait for every worker to load (Byzer-LLM's
             ``modelWaitServerReadyTimeout``).
         udf_name, spark: register the model's SQL function in that SparkSession.
+        resources: custom Ray resources each worker needs, ``{"master": 0.01}`` (Byzer-LLM's
+            ``!byzerllm setup "resource.master=0.01"``): pins workers to nodes started with that
+            resource (``ray start --resources '{"master": 1}'``). Default None: none.
         **byzer_names: Byzer-LLM's names for the arguments above (``pretrainedModelType``,
             ``inferBackend``, ``modelPath`` / ``localModelDir``, ``modelTable``, ``udfName``,
             ``localPathPrefix``, ``modelWaitServerReadyTimeout``, ``reconnect``, ``maxConcurrency``,
@@ -101,6 +105,7 @@ def deploy(
         model=model,
         infer_params=InferParams.parse(infer_params),
         sys_conf=dict(sys_conf or {}),
+        resources=dict(resources or {}),
         **{name: args[name] for name in _CONFIG_ARGS},
     )
     if not isinstance(wait_ready_timeout, (int, float)) or wait_ready_timeout <= 0:
@@ -172,6 +177,14 @@ def _check_resources(config: DeployConfig) -> None:
         f"{n.get('NodeManagerAddress')}: CPU={n['Resources'].get('CPU', 0):g} GPU={n['Resources'].get('GPU', 0):g}"
         for n in nodes
     )
+    for name, amount in config.resources.items():
+        if not any(n["Resources"].get(name, 0) >= amount for n in nodes):
+            raise ResourceError(
+                f"resources[{name!r}]={amount:g} can never be satisfied: no node of this Ray cluster has the "
+                f"resource {name!r} (start a node with `ray start --resources '{{\"{name}\": 1}}'`, or "
+                f"bls.init(resources={{{name!r}: 1}}) for the local one)"
+            )
+    fits = [n for n in fits if all(n["Resources"].get(k, 0) >= v for k, v in config.resources.items())]
     if not fits:
         what = f"gpus_per_worker={need_gpu!r}" if need_gpu and not any(
             n["Resources"].get("GPU", 0) >= need_gpu for n in nodes
@@ -252,13 +265,15 @@ def _run(config: DeployConfig, wait_ready_timeout: float) -> None:
 
 
 class _progress:
-    """``workers ready k/n`` while a deployment starts (a tqdm bar; silent when stderr is not a terminal)."""
+    """``workers ready k/n`` while a deployment starts (a tqdm bar; silent in logs and pipes, a widget in notebooks)."""
 
     def __init__(self, config: DeployConfig) -> None:
         from tqdm.auto import tqdm
 
+        from ..settings import progress_disable
+
         self._bar = tqdm(total=config.num_workers, desc=f"deploy {config.model}: workers ready", unit="worker",
-                         leave=False, disable=None, delay=2.0)
+                         leave=False, disable=progress_disable(), delay=2.0)
 
     def update(self, ready: int) -> None:
         if ready > self._bar.n:

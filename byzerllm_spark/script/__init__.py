@@ -1,1 +1,13 @@
-"""Byzer-LLM scripts: ``!byzerllm setup`` / ``run command as LLM`` statements run as written."""
+"""Byzer-LLM scripts run as written: ``!byzerllm setup``, ``run command as LLM``, ``load``/``save``/``set``/
+``select`` statements and ``--%chat`` cells.
+
+Modules: ``byzer.lark`` (the grammar), :mod:`.parser` (script → statements), :mod:`.statements` (each
+statement onto the public API), :mod:`.chat_cell` (``--%chat``), :mod:`.presets` (``!byzerllm setup single``).
+The IPython extension is :mod:`byzerllm_spark.notebook`; the command line ``byzerllm run``.
+"""
+
+from .parser import ScriptSyntaxError, parse
+from .statements import ScriptError, ScriptResult, ScriptSession, ScriptWarning, StatementResult, run_script
+
+__all__ = ["ScriptError", "ScriptResult", "ScriptSession", "ScriptSyntaxError", "ScriptWarning", "StatementResult",
+           "parse", "run_script"]

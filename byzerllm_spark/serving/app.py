@@ -33,19 +33,25 @@ def build(config) -> Any:
     from ray import serve
     from ray.serve.config import RequestRouterConfig
 
-    from .replica import ModelWorker
+    from .replica import SPARE_SLOTS, ModelWorker, work_slots
     from .router import ROUND_ROBIN_ROUTER, LRURequestRouter
 
     router = LRURequestRouter if config.load_balance == "lru" else ROUND_ROBIN_ROUTER
+    slots = work_slots(config)
+    router_kwargs = {"work_slots": slots} if config.load_balance == "lru" else {}
     return (
         serve.deployment(ModelWorker)
         .options(
             name=DEPLOYMENT_NAME,
             num_replicas=config.num_workers,
-            max_ongoing_requests=config.worker_concurrency * (SAAS_QUEUE_DEPTH if config.is_saas else 1),
-            ray_actor_options={"num_cpus": config.cpus_per_worker, "num_gpus": config.gpus_per_worker},
+            # Spare slots beyond the model's: a request whose body is still arriving holds one of these,
+            # never a slot of the model (the worker takes those once the body is in hand).
+            max_ongoing_requests=slots + SPARE_SLOTS,
+            ray_actor_options={"num_cpus": config.cpus_per_worker, "num_gpus": config.gpus_per_worker,
+                               **({"resources": dict(config.resources)} if config.resources else {})},
             request_router_config=RequestRouterConfig(
-                request_router_class=router, initial_backoff_s=ROUTER_BACKOFF_S[0], max_backoff_s=ROUTER_BACKOFF_S[1]
+                request_router_class=router, initial_backoff_s=ROUTER_BACKOFF_S[0], max_backoff_s=ROUTER_BACKOFF_S[1],
+                request_router_kwargs=router_kwargs,
             ),
             health_check_period_s=5,
             health_check_timeout_s=60,
