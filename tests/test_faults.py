@@ -7,6 +7,7 @@ and a real Spark query (the echo plugin stands in for the model).
 from __future__ import annotations
 
 import http.server
+import json
 import os
 import signal
 import socket
@@ -135,3 +136,130 @@ def test_proxy_killed_during_a_spark_query_every_row_answered_once(deployed, spa
     assert sum(bls.stat("faults_echo")["total_requests"]) >= n
     assert _proxy_pid() != before  # Serve did restart its proxy, and the query outlived that
     assert time.monotonic() - killed_at > 5
+
+
+# ---- one caller cannot starve the others ---------------------------------------------------------
+def _stalled_upload(base: str, path: str) -> socket.socket:
+    """A POST that declares a 10 MB body, sends 10 bytes of it and stalls."""
+    host, port = base.split("//")[1].split(":")
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: 10000000\r\n\r\n{{\"instruc".encode())
+    return sock
+
+
+@pytest.mark.slow
+def test_stalled_uploads_and_a_gone_huge_request_do_not_starve_the_next_caller(deployed):
+    import requests
+
+    import byzerllm_spark as bls
+    from byzerllm_spark.protocol import arrow
+
+    # One worker with one slot: anything that held it would block the normal request below.
+    deployed("faults_starve", pretrained_model_type=ECHO, num_workers=1, worker_concurrency=1, cpus_per_worker=0.1,
+             infer_params={"echo_delay_ms": "20"})
+    base = bls.endpoint()
+    stalled = [_stalled_upload(base, "/faults_starve/arrow"), _stalled_upload(base, "/faults_starve/stream")]
+    try:
+        time.sleep(1)
+        started = time.monotonic()
+        assert bls.chat("faults_starve", "first") == "first"  # answered while both uploads stall
+        assert time.monotonic() - started < 5
+        assert bls.stat("faults_starve")["busy_workers"] == 0  # a stalled upload holds no worker
+
+        # 5000 rows x 20 ms = 100 s of work; its client gives up after 3 s.
+        body = arrow.encode_params([json.dumps({"instruction": f"row {i}"}) for i in range(5000)])
+        outcome: list = []
+
+        def huge() -> None:
+            try:
+                requests.post(f"{base}/faults_starve/arrow", data=body, timeout=4,
+                              headers={"Content-Type": arrow.CONTENT_TYPE})
+            except requests.exceptions.ReadTimeout as exc:
+                outcome.append(exc)
+
+        client = threading.Thread(target=huge)
+        client.start()
+        busy_seen = False
+        while client.is_alive():  # while it works, stat says so
+            busy_seen = busy_seen or bls.stat("faults_starve")["busy_workers"] == 1
+            time.sleep(0.1)
+        assert busy_seen and outcome, outcome
+        gone = time.monotonic()
+        while bls.stat("faults_starve")["busy_workers"]:  # the engine stops once its caller is gone
+            assert time.monotonic() - gone < 5, "the worker kept working for a caller that left"
+            time.sleep(0.1)
+        started = time.monotonic()
+        assert bls.chat("faults_starve", "second") == "second"
+        assert time.monotonic() - started < 5  # one slot: only free because the 100 s of work stopped
+
+        for sock in stalled:  # the stalled uploads end with 408 once the body timeout passes
+            sock.settimeout(60)
+            assert sock.recv(200).startswith(b"HTTP/1.1 408")
+    finally:
+        for sock in stalled:
+            sock.close()
+
+
+@pytest.mark.slow
+def test_a_gone_stream_stops_its_worker(deployed):
+    import requests
+
+    import byzerllm_spark as bls
+
+    deployed("faults_stream", pretrained_model_type="custom/auto", infer_backend="transformers", num_workers=1,
+             cpus_per_worker=1)
+    resp = requests.post(f"{bls.endpoint()}/faults_stream/stream", stream=True, timeout=60,
+                         json={"instruction": "Count to ten thousand.", "max_length": 8000,
+                               "generation.min_new_tokens": 8000})
+    assert resp.status_code == 200
+    next(resp.iter_lines())
+    assert bls.stat("faults_stream")["busy_workers"] == 1
+    resp.close()  # the client goes away mid-answer
+    gone = time.monotonic()
+    while bls.stat("faults_stream")["busy_workers"]:
+        assert time.monotonic() - gone < 10, "the worker kept generating for a caller that left"
+        time.sleep(0.1)
+    started = time.monotonic()
+    assert bls.chat("faults_stream", "Say hi", max_length=4)
+    assert time.monotonic() - started < 20
+
+
+@pytest.mark.slow
+def test_max_length_above_the_context_is_refused_on_every_surface(deployed):
+    import requests
+
+    import byzerllm_spark as bls
+
+    deployed("faults_ctx", pretrained_model_type=ECHO, cpus_per_worker=0.1)
+    fix = "pass max_length <= 8192"
+    with pytest.raises(RequestError, match=f"max_length=1000000000000 .*8192 tokens; {fix}"):
+        bls.chat("faults_ctx", "x", max_length=10**12)
+    with pytest.raises(RequestError, match="generation.min_new_tokens=100000 .*pass generation.min_new_tokens <= 8192"):
+        bls.chat("faults_ctx", "x", **{"generation.min_new_tokens": 100000})
+    with pytest.raises(RequestError, match=fix):
+        list(bls.stream_chat("faults_ctx", "x", max_length=10**12))
+    resp = requests.post(f"{bls.endpoint()}/faults_ctx/stream", json={"instruction": "x", "max_length": 10**12},
+                         timeout=60)
+    assert resp.status_code == 400 and fix in resp.text
+    for stream in (False, True):
+        resp = requests.post(f"{bls.endpoint()}/v1/chat/completions", timeout=60, json={
+            "model": "faults_ctx", "messages": [{"role": "user", "content": "x"}], "max_tokens": 10**12,
+            "stream": stream})
+        assert resp.status_code == 400 and fix in resp.json()["error"]["message"], resp.text
+    assert bls.chat("faults_ctx", "fine", max_length=8192) == "fine"
+
+
+@pytest.mark.slow
+def test_a_body_over_the_size_limit_is_refused_unread(deployed):
+    import byzerllm_spark as bls
+    from byzerllm_spark.serving import replica
+
+    deployed("faults_big", pretrained_model_type=ECHO, cpus_per_worker=0.1)
+    host, port = bls.endpoint().split("//")[1].split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(f"POST /faults_big/arrow HTTP/1.1\r\nHost: {host}\r\n"
+                     f"Content-Length: {replica.MAX_BODY_BYTES + 1}\r\n\r\n".encode())
+        sock.settimeout(30)
+        answer = sock.recv(2000)
+    assert answer.startswith(b"HTTP/1.1 413") and b"batch_size" in answer

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import abc
+import contextvars
+import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, AsyncIterator
 
@@ -11,6 +13,24 @@ from ..errors import RequestError
 if TYPE_CHECKING:
     from ..config import DeployConfig
     from ..protocol.request import ChatRequest
+
+
+#: The stop signal of the request being answered: the worker sets it when the caller has gone away
+#: (Serve cancels the request on a client disconnect), and engines that run in threads check it
+#: between tokens or rows, so no worker keeps generating for nobody. A context variable, so it
+#: reaches the engine's thread through ``asyncio.to_thread`` without changing the backend interface.
+STOP: contextvars.ContextVar[threading.Event | None] = contextvars.ContextVar("byzerllm_stop", default=None)
+
+
+def stop_requested() -> bool:
+    """True once the caller of the request being answered has gone away (see :data:`STOP`)."""
+    event = STOP.get()
+    return event is not None and event.is_set()
+
+
+def stop_event() -> threading.Event:
+    """The current request's stop event (a fresh, never-set one outside a worker)."""
+    return STOP.get() or threading.Event()
 
 
 @dataclass(slots=True)
@@ -37,6 +57,9 @@ class Backend(abc.ABC):
     #: Rows per HTTP request that callers (the Spark functions) send by default: large for cheap
     #: models so per-request overhead is amortised, small for LLMs so work spreads over workers.
     preferred_batch_size: int = 16
+    #: The most tokens the model can handle (its context window), or None when unknown (SaaS
+    #: vendors check their own). A request's ``max_length`` above it is refused before any work.
+    context_length: int | None = None
 
     def __init__(self, config: "DeployConfig", model_dir: str | None) -> None:
         self.config = config

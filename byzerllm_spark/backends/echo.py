@@ -25,6 +25,8 @@ from typing import Any, Dict, Iterator, List
 
 #: The Spark functions read this to size their requests: echo answers in microseconds.
 PREFERRED_BATCH_SIZE = 5000
+#: The context a plugin may declare (optional): the worker refuses a ``max_length`` above it.
+CONTEXT_LENGTH = 8192
 
 
 class EchoModel:

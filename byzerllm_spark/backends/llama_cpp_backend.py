@@ -14,7 +14,7 @@ from typing import Any, AsyncIterator
 
 from ..errors import ConfigError
 from ._model_files import find_gguf
-from .base import Backend, ChatResult
+from .base import Backend, ChatResult, stop_event
 
 
 def _import_llama():
@@ -76,6 +76,7 @@ class LlamaCppBackend(Backend):
         self.gguf = gguf
         self.llm = Llama(model_path=gguf, **self.params)
         self._lock = threading.Lock()
+        self.context_length = int(self.llm.n_ctx())
         completion = inspect.signature(self.llm.create_chat_completion).parameters
         self._gen_keys = set(completion) - {"messages", "stream", "self"}
 
@@ -101,8 +102,12 @@ class LlamaCppBackend(Backend):
 
     def _run(self, requests) -> list[ChatResult]:
         out = []
+        stop = stop_event()
         with self._lock:  # one llama context: one generation at a time
             for req in requests:
+                if stop.is_set():  # the caller went away: the rest of the batch is not worked on
+                    out.append(ChatResult(error="cancelled: the caller went away"))
+                    continue
                 try:
                     out.append(self._answer(req))
                 except Exception as exc:
@@ -116,6 +121,7 @@ class LlamaCppBackend(Backend):
         queue: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
         done = object()
+        gone = threading.Event()
 
         def produce() -> None:
             try:
@@ -123,6 +129,8 @@ class LlamaCppBackend(Backend):
                     for chunk in self.llm.create_chat_completion(
                         messages=request.messages(), stream=True, **self._gen_kwargs(request)
                     ):
+                        if gone.is_set():  # the caller went away: stop at this token
+                            break
                         piece = chunk["choices"][0].get("delta", {}).get("content")
                         if piece:
                             loop.call_soon_threadsafe(queue.put_nowait, piece)
@@ -131,14 +139,17 @@ class LlamaCppBackend(Backend):
             loop.call_soon_threadsafe(queue.put_nowait, done)
 
         task = loop.run_in_executor(None, produce)
-        while True:
-            item = await queue.get()
-            if item is done:
-                break
-            if isinstance(item, Exception):
-                raise item
-            yield item
-        await task
+        try:
+            while True:
+                item = await queue.get()
+                if item is done:
+                    break
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+        finally:
+            gone.set()
+            await asyncio.shield(task)  # the worker is busy until llama.cpp has really stopped
 
     def info(self) -> dict[str, Any]:
         return {"backend": self.name, "model_file": self.gguf, "params": {k: v for k, v in self.params.items()}}

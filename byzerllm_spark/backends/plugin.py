@@ -16,7 +16,7 @@ import inspect
 from typing import Any, AsyncIterator
 
 from ..errors import ConfigError
-from .base import Backend, ChatResult
+from .base import Backend, ChatResult, stop_requested
 
 
 def _split_result(result: Any) -> tuple[str, dict[str, str]]:
@@ -62,6 +62,8 @@ class PluginBackend(Backend):
         # written for a single caller, as in Byzer-LLM.
         self._lock = asyncio.Lock() if config.worker_concurrency == 1 else None
         self.preferred_batch_size = int(getattr(module, "PREFERRED_BATCH_SIZE", self.preferred_batch_size))
+        context = getattr(module, "CONTEXT_LENGTH", None)  # optional: a plugin may declare its context
+        self.context_length = int(context) if context else None
         if hasattr(module, "embed") or hasattr(self.model, "embed_query"):
             self.supports_embedding = True
 
@@ -82,6 +84,9 @@ class PluginBackend(Backend):
         stream_chat = self.model.stream_chat
         tokenizer = self.tokenizer
         for req in requests:
+            if stop_requested():  # the caller went away: the rest of the batch is not worked on
+                out.append(ChatResult(error="cancelled: the caller went away"))
+                continue
             try:
                 text, meta = _split_result(
                     stream_chat(
@@ -124,7 +129,7 @@ class PluginBackend(Backend):
             result = await asyncio.to_thread(call)
             if inspect.isgenerator(result):
                 done = object()
-                while True:
+                while not stop_requested():
                     piece = await asyncio.to_thread(next, result, done)
                     if piece is done:
                         break

@@ -18,7 +18,7 @@ from typing import Any, AsyncIterator
 
 from ..errors import ConfigError
 from ._model_files import dequantised_dir, find_gguf, is_hf_dir
-from .base import Backend, ChatResult
+from .base import Backend, ChatResult, stop_event
 
 #: generate() keyword arguments a request may set through ``generation.<name>``.
 _GENERATE_KEYS = {
@@ -116,6 +116,8 @@ class TransformersBackend(Backend):
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self._lock = threading.Lock()
+        context = getattr(self.model.config, "max_position_embeddings", None)
+        self.context_length = int(context) if context else None
 
     # ---- prompts ------------------------------------------------------------------------
     def prompt(self, req) -> str:
@@ -176,10 +178,12 @@ class TransformersBackend(Backend):
             },
         )
 
-    def _generate(self, reqs) -> list[ChatResult]:
+    def _generate(self, reqs, stop: threading.Event | None = None) -> list[ChatResult]:
         prompts = [self.prompt(r) for r in reqs]
         enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
         kwargs = self._generate_kwargs(reqs)
+        if stop is not None:  # a caller that went away stops the generation at its next token
+            kwargs["stopping_criteria"] = self.transformers.StoppingCriteriaList([_Cancelled(stop, self.torch)])
         with self.torch.inference_mode():
             output = self.model.generate(**enc, **kwargs)
         prompt_len = enc["input_ids"].shape[1]
@@ -193,14 +197,20 @@ class TransformersBackend(Backend):
         groups: dict[tuple, list[int]] = {}
         for i, req in enumerate(requests):
             groups.setdefault(self._group_key(req), []).append(i)
+        stop = stop_event()
         with self._lock:
             for idx in groups.values():
                 # Sorting by prompt length keeps padding small inside each generate call.
                 idx.sort(key=lambda i: len(requests[i].instruction))
                 for start in range(0, len(idx), self.max_batch_size):
                     chunk = idx[start : start + self.max_batch_size]
+                    if stop.is_set():
+                        answers = [ChatResult(error="cancelled: the caller went away")] * len(chunk)
+                        for i, answer in zip(chunk, answers):
+                            results[i] = answer
+                        continue
                     try:
-                        answers = self._generate([requests[i] for i in chunk])
+                        answers = self._generate([requests[i] for i in chunk], stop)
                     except Exception as exc:
                         answers = [ChatResult(error=f"{type(exc).__name__}: {exc}")] * len(chunk)
                     for i, answer in zip(chunk, answers):

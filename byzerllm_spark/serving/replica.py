@@ -15,21 +15,42 @@ app (``openai.py``) reaches the same replicas through deployment handles (``chat
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
 import os
+import threading
 import time
 from typing import Any
 
 from ..auth import authorized, stored_digest, unauthorized_response
 from ..backends import registry
-from ..backends.base import ChatResult
+from ..backends.base import STOP, ChatResult
 from ..errors import RequestParseError, answer_status
 from ..protocol import arrow, sse
 from ..protocol.request import parse_request
 
 logger = logging.getLogger("byzerllm_spark.worker")
+
+#: A request body larger than this is refused with 413 before it is read (a Spark batch of 5000 long
+#: prompts is a few MB; lower batch_size for more).
+MAX_BODY_BYTES = 256 << 20
+#: A body must be in hand within this many seconds of the request's arrival, else 408. The worker's
+#: slots are taken only after that (a stalled upload holds one of Serve's spare slots, never a slot
+#: of the model), so this bounds how long a stalled client holds anything.
+BODY_TIMEOUT_S = 30.0
+#: Serve slots per worker beyond its work slots: requests whose bodies are being read, or that wait
+#: for a work slot. Two stalled uploads per worker leave room for everyone else.
+SPARE_SLOTS = 4
+
+
+def work_slots(config) -> int:
+    """Requests a worker works on at once: ``worker_concurrency``; a SaaS worker holds
+    ``SAAS_QUEUE_DEPTH`` per slot (it only waits on the network, see ``app.SAAS_QUEUE_DEPTH``)."""
+    from .app import SAAS_QUEUE_DEPTH
+
+    return config.worker_concurrency * (SAAS_QUEUE_DEPTH if config.is_saas else 1)
 
 
 def resolve_model_dir(config) -> str | None:
@@ -70,6 +91,9 @@ class ModelWorker:
         except Exception:  # not inside Serve (tests calling the class directly)
             self.replica = f"local-{os.getpid()}"
         self._stats = get_stats_actor(config.model)
+        # The model's slots, taken once a request is read and parsed: Serve lets SPARE_SLOTS more
+        # requests in, so slow uploads wait here without blocking the model (see app.build).
+        self._slots = asyncio.Semaphore(work_slots(config))
         self._seq = 0
         self._in_flight = 0
         self._total = 0
@@ -105,42 +129,81 @@ class ModelWorker:
         except Exception:  # stats must never fail a request
             logger.debug("stats report failed", exc_info=True)
 
-    @contextlib.contextmanager
-    def _busy(self, rows: int):
-        """Counts one request in flight for ``stat()`` while the block runs, and ``rows`` answered after."""
-        self._in_flight += 1
-        self._report()
-        try:
-            yield
-        finally:
-            self._in_flight -= 1
-            self._total += rows
-            self._last_work = time.time()
+    @contextlib.asynccontextmanager
+    async def _busy(self, rows: int):
+        """Takes one of the worker's slots (waiting for one) and counts the request in flight for
+        ``stat()`` while the block runs, and ``rows`` answered after."""
+        async with self._slots:
+            self._in_flight += 1
             self._report()
+            try:
+                yield
+            finally:
+                self._in_flight -= 1
+                self._total += rows
+                self._last_work = time.time()
+                self._report()
+
+    async def _until_done(self, make):
+        """Await the engine's work ``make()`` with a stop signal (``backends.base.STOP``). When the caller
+        goes away (Serve cancels this request), the engine is told to stop and this waits until it has,
+        so the slot stays taken and ``stat()`` shows the worker busy exactly as long as it works."""
+        stop = threading.Event()
+        token = STOP.set(stop)
+        try:
+            task = asyncio.ensure_future(make())  # the task (and its threads) see this request's STOP
+        finally:
+            STOP.reset(token)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            stop.set()
+            with contextlib.suppress(BaseException):
+                await task
+            raise
+
+    def _context_error(self, request) -> str | None:
+        """Why ``request`` asks for more tokens than the model's context holds, or None."""
+        context = self.backend.context_length
+        if not context:
+            return None
+        for name, value in (("max_length", request.max_length),
+                            ("generation.max_new_tokens", request.generation.get("max_new_tokens")),
+                            ("generation.min_new_tokens", request.generation.get("min_new_tokens"))):
+            if isinstance(value, str) and value.strip().isdigit():  # SQL maps carry strings
+                value = int(value)
+            if isinstance(value, int) and not isinstance(value, bool) and value > context:
+                return (f"{name}={value!r} is more than model {self.config.model!r} can generate: its context "
+                        f"holds {context} tokens; pass {name} <= {context}")
+        return None
 
     # ---- the work -------------------------------------------------------------------------
     async def run_batch(self, params: list[Any]) -> list[ChatResult | None]:
         """Answer a batch of requests (dicts or JSON text; None rows stay None), in order."""
-        with self._busy(len(params)):
-            results: list[ChatResult | None] = [None] * len(params)
-            todo_idx: list[int] = []
-            todo: list = []
-            defaults = self.generation_defaults
-            for i, item in enumerate(params):
-                if item is None:
-                    continue
-                try:
-                    request = parse_request(item, defaults)
-                    if request is not None:
-                        todo.append(request)
-                        todo_idx.append(i)
-                except RequestParseError as exc:
-                    results[i] = ChatResult(error=str(exc))
-                except Exception as exc:  # any other malformed row (too deep, too big): that row's error alone
-                    results[i] = ChatResult(error=_malformed(exc))
+        results: list[ChatResult | None] = [None] * len(params)
+        todo_idx: list[int] = []
+        todo: list = []
+        defaults = self.generation_defaults
+        for i, item in enumerate(params):  # parsed before a slot is taken
+            if item is None:
+                continue
+            try:
+                request = parse_request(item, defaults)
+                if request is not None:
+                    too_long = self._context_error(request)
+                    if too_long:
+                        results[i] = ChatResult(error=too_long, metadata={"http_status": "400"})
+                        continue
+                    todo.append(request)
+                    todo_idx.append(i)
+            except RequestParseError as exc:
+                results[i] = ChatResult(error=str(exc))
+            except Exception as exc:  # any other malformed row (too deep, too big): that row's error alone
+                results[i] = ChatResult(error=_malformed(exc))
+        async with self._busy(len(params)):
             if todo:
                 try:
-                    answers = await self.backend.chat_batch(todo)
+                    answers = await self._until_done(lambda: self.backend.chat_batch(todo))
                 except Exception as exc:  # the engine failed the whole batch: each row says why
                     logger.exception("backend %s failed a batch of %d", self.backend.name, len(todo))
                     answers = [ChatResult(error=f"{type(exc).__name__}: {exc}")] * len(todo)
@@ -168,10 +231,15 @@ class ModelWorker:
         if request is None:
             yield {"error": "the request's instruction is null", "status": 400}
             return
+        too_long = self._context_error(request)
+        if too_long:
+            yield {"error": too_long, "status": 400}
+            return
         metadata: dict[str, str] = {}
-        with self._busy(1):
+        async with self._busy(1):
+            pieces = self.backend.stream_chat(request)
             try:
-                async for piece in self.backend.stream_chat(request):
+                async for piece in pieces:
                     if isinstance(piece, ChatResult):  # a backend's closing item: usage and finish reason
                         metadata.update(piece.metadata)
                     elif piece:
@@ -180,6 +248,10 @@ class ModelWorker:
                 yield {"metadata": metadata}
             except Exception as exc:  # the caller gets the error as an item; the replica goes on
                 yield _error_item(exc)
+            finally:
+                # A caller that went away closes this generator: close the engine's too, here, so it
+                # stops (each backend's own finally) while the slot is still counted busy.
+                await asyncio.shield(pieces.aclose())
 
     async def embed_rows(self, texts: list[str]) -> dict[str, Any]:
         """Handle method: ``{"embeddings": [...]}`` or ``{"error": message, "status": code}``."""
@@ -189,9 +261,9 @@ class ModelWorker:
                 "embedding model (infer_backend='embedding', or saas.embedding=true)",
                 "status": 400,
             }
-        with self._busy(len(texts)):
+        async with self._busy(len(texts)):
             try:
-                return {"embeddings": await self.backend.embed_batch(list(texts))}
+                return {"embeddings": await self._until_done(lambda: self.backend.embed_batch(list(texts)))}
             except Exception as exc:
                 return _error_item(exc)
 
@@ -239,7 +311,9 @@ class ModelWorker:
     async def _arrow_http(self, request):
         from starlette.responses import PlainTextResponse, Response
 
-        body = await request.body()
+        body = await _read_body(request)
+        if not isinstance(body, bytes):
+            return body
         try:
             column = arrow.decode_params(body)
         except ValueError as exc:
@@ -258,8 +332,11 @@ class ModelWorker:
     async def _stream_http(self, request):
         from starlette.responses import PlainTextResponse, StreamingResponse
 
+        body = await _read_body(request)
+        if not isinstance(body, bytes):
+            return body
         try:
-            params = json.loads(await request.body())
+            params = json.loads(body)
         except (ValueError, RecursionError) as exc:  # not JSON, not UTF-8, or nested too deep
             return PlainTextResponse(f"the body is not JSON ({_malformed(exc)}); send one request as a JSON object",
                                      status_code=400)
@@ -279,8 +356,11 @@ class ModelWorker:
     async def _embed_http(self, request):
         from starlette.responses import PlainTextResponse, Response
 
+        body = await _read_body(request)
+        if not isinstance(body, bytes):
+            return body
         try:
-            column = arrow.decode_params(await request.body())
+            column = arrow.decode_params(body)
         except ValueError as exc:
             return PlainTextResponse(str(exc), status_code=400)
         if not self.backend.supports_embedding:
@@ -301,10 +381,10 @@ class ModelWorker:
             texts.append(text if isinstance(text, str) else row)  # a JSON row without text: embed it as sent
             idx.append(i)
         vectors: list = [None] * len(rows)
-        with self._busy(len(rows)):
+        async with self._busy(len(rows)):
             try:
                 if texts:
-                    for i, vec in zip(idx, await self.backend.embed_batch(texts)):
+                    for i, vec in zip(idx, await self._until_done(lambda: self.backend.embed_batch(texts))):
                         vectors[i] = vec
             except Exception as exc:
                 for i in idx:
@@ -316,6 +396,36 @@ class ModelWorker:
             self.backend.close()
         except Exception:
             pass
+
+
+async def _read_body(request):
+    """The whole request body, read before the request takes a worker slot; or the error answer:
+    413 above :data:`MAX_BODY_BYTES` (declared or sent), 408 when it is not in hand within
+    :data:`BODY_TIMEOUT_S` (a client that stalls mid-upload)."""
+    from starlette.requests import ClientDisconnect
+    from starlette.responses import PlainTextResponse
+
+    too_big = PlainTextResponse(
+        f"the request body is larger than {MAX_BODY_BYTES} bytes; send fewer rows per request "
+        "(batch_size= of the Spark function, or smaller chat_batch batches)", status_code=413)
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        return too_big
+    chunks, size = [], 0
+    try:
+        async with asyncio.timeout(BODY_TIMEOUT_S):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > MAX_BODY_BYTES:
+                    return too_big
+                chunks.append(chunk)
+    except TimeoutError:
+        return PlainTextResponse(
+            f"the request body did not arrive within {BODY_TIMEOUT_S:g} s ({size} bytes came); send the whole "
+            "body at once", status_code=408)
+    except ClientDisconnect:
+        return PlainTextResponse("the client went away before its body arrived", status_code=400)
+    return b"".join(chunks)
 
 
 def _error_item(exc: Exception) -> dict[str, Any]:

@@ -3,7 +3,9 @@
 Each router instance lives in a Serve proxy or a deployment handle and sees every request routed
 through it. The LRU router ranks replicas by when it last gave them work, oldest first, so idle
 workers are used before busy ones and load spreads evenly; a replica that is full is skipped by
-Serve's own capacity check and the next rank is tried.
+Serve's own capacity check and the next rank is tried. Serve lets a few spare requests into each
+replica (their bodies are read before they take one of the model's slots, see ``replica.SPARE_SLOTS``),
+so replicas whose model slots are all taken (by Serve's queue-length cache) rank after the others.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ ROUND_ROBIN_ROUTER = "ray.serve.experimental.round_robin_router.RoundRobinRouter
 class LRURequestRouter(FIFOMixin, RequestRouter):
     """Least-recently-used: the replica that has waited longest for work goes first."""
 
-    def initialize_state(self, **kwargs) -> None:
+    def initialize_state(self, work_slots: int = 1, **kwargs) -> None:
         self._last_routed: dict = {}
+        self._work_slots = work_slots
 
     async def choose_replicas(
         self,
@@ -33,7 +36,13 @@ class LRURequestRouter(FIFOMixin, RequestRouter):
         if not candidate_replicas:
             return []
         last = self._last_routed
-        ranked = sorted(candidate_replicas, key=lambda r: last.get(r.replica_id, 0.0))
+        queue_lens = self.replica_queue_len_cache
+
+        def full(replica) -> bool:
+            queued = queue_lens.get(replica.replica_id)
+            return queued is not None and queued >= self._work_slots
+
+        ranked = sorted(candidate_replicas, key=lambda r: (full(r), last.get(r.replica_id, 0.0)))
         # Requests that arrive together are ranked before any of them is routed: claim the first
         # pick now, or they all go to the same replica whenever it has room for more than one.
         last[ranked[0].replica_id] = time.monotonic()
