@@ -26,6 +26,11 @@ os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # Spark's Python worker
 RESULTS_ENV = "BENCH_RESULTS"
 #: The figures this process recorded, in order (dicts: title, figure, unit, baseline, ratio, target).
 RESULTS: list[dict] = []
+#: None: :func:`deployment` deploys and removes. ``run_all.py --smoke`` sets a dict (name -> deploy
+#: arguments): deployments then stay up, and a later bench asking for the same name and arguments
+#: reuses the worker. Starting and removing a worker costs 10-20 s on 2 cores, and the smoke run
+#: would otherwise pay it a dozen times.
+KEPT: dict[str, dict] | None = None
 
 
 @contextmanager
@@ -33,6 +38,36 @@ def timer(out: dict, key: str):
     start = time.perf_counter()
     yield
     out[key] = time.perf_counter() - start
+
+
+def spark_session(app: str = "bench", driver_memory: str = "2g"):
+    """The benches' local SparkSession (``local[2]``, UI off); an active one is returned as it is, which is
+    how ``run_all.py --smoke`` gives every bench the same session."""
+    from pyspark.sql import SparkSession
+
+    spark = (SparkSession.builder.master("local[2]").appName(app).config("spark.ui.enabled", "false")
+             .config("spark.driver.memory", driver_memory).config("spark.sql.shuffle.partitions", "2").getOrCreate())
+    spark.sparkContext.setLogLevel("ERROR")
+    return spark
+
+
+@contextmanager
+def deployment(name: str, **kwargs):
+    """``bls.deploy(name, **kwargs)`` for the block, ``bls.undeploy(name)`` after it (kept for reuse when
+    :data:`KEPT` is a dict: see there). A figure that times the deploy itself calls ``bls.deploy``."""
+    import byzerllm_spark as bls
+
+    if KEPT is None or KEPT.get(name) != kwargs or not bls.exists(name):
+        if bls.exists(name):
+            bls.undeploy(name)
+        bls.deploy(name, **kwargs)
+    try:
+        yield name
+    finally:
+        if KEPT is None:
+            bls.undeploy(name)
+        else:
+            KEPT[name] = kwargs
 
 
 def add_smoke_flag(parser) -> None:
@@ -72,6 +107,11 @@ def bad_figures(results: list[dict]) -> list[str]:
     return problems
 
 
+def problems_of(bench: str, results: list[dict]) -> list[str]:
+    """What is wrong with a bench's ``results``: :func:`bad_figures`, or that it recorded none."""
+    return bad_figures(results) if results else [f"{bench}: no figure was recorded"]
+
+
 def finish(bench: str) -> None:
     """End of a benchmark run: record the figures for run_all, and exit 1 naming every bad one."""
     path = os.environ.get(RESULTS_ENV)
@@ -79,7 +119,7 @@ def finish(bench: str) -> None:
         with open(path, "a") as f:
             for r in RESULTS:
                 f.write(json.dumps({"bench": bench, **r}) + "\n")
-    problems = bad_figures(RESULTS) if RESULTS else [f"{bench}: no figure was recorded"]
+    problems = problems_of(bench, RESULTS)
     if problems:
         print(f"\nFAILED {bench}: " + "; ".join(problems), file=sys.stderr, flush=True)
         raise SystemExit(1)

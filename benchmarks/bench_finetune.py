@@ -11,6 +11,7 @@
     .venv/bin/python benchmarks/bench_finetune.py [--rows 2000000] [--repeat 3] [--epochs 4] [--smoke]
 
 The machine is shared (2 cores): figures are noisy; the best of ``--repeat`` runs is reported.
+``--smoke`` (2,000 rows; 4 conversations, 1 epoch) only checks that every figure comes out finite and > 0.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import sys
 import tempfile
 import time
 
-from _common import add_smoke_flag, finish, report
+from _common import add_smoke_flag, finish, report, spark_session
 
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -139,29 +140,37 @@ def bench_rows(spark, rows: int, repeat: int) -> None:
     df.unpersist()
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=2_000_000)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--copies", type=int, default=8, help=f"SFT conversations: {len(FACTS)} facts x copies")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--only", choices=["sft", "rows"], default=None)
     add_smoke_flag(parser)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.smoke:
-        args.rows, args.repeat, args.epochs = 20_000, 1, 1
+        args.rows, args.repeat, args.epochs, args.copies = 2_000, 1, 1, 1
+    return args
 
+
+def run(args: argparse.Namespace, spark) -> None:
+    """Every figure, on the cluster ``bls.init()`` started and ``spark``."""
+    if args.only in (None, "rows"):
+        bench_rows(spark, args.rows, args.repeat)
+    if args.only in (None, "sft"):
+        bench_sft(spark, args.repeat, args.epochs, args.threads, args.copies)
+
+
+def main() -> None:
     import byzerllm_spark as bls
-    from pyspark.sql import SparkSession
 
+    args = parse_args()
     bls.init(http_port=0, include_dashboard=False)
-    spark = (SparkSession.builder.master("local[2]").appName("bench-finetune").config("spark.ui.enabled", "false")
-             .config("spark.driver.memory", "4g").config("spark.sql.shuffle.partitions", "2").getOrCreate())
+    spark = spark_session("bench-finetune", driver_memory="4g")
     try:
-        if args.only in (None, "rows"):
-            bench_rows(spark, args.rows, args.repeat)
-        if args.only in (None, "sft"):
-            bench_sft(spark, args.repeat, args.epochs, args.threads, 1 if args.smoke else 8)
+        run(args, spark)
     finally:
         spark.stop()
         bls.shutdown()

@@ -145,7 +145,7 @@ def same_tree(a: str, b: str) -> bool:
     return all(same_tree(os.path.join(a, d), os.path.join(b, d)) for d in cmp.common_dirs)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -154,10 +154,14 @@ def main() -> None:
     parser.add_argument("--chunk-size", type=int, default=4 << 20, help="default 4 MiB")
     parser.add_argument("--tmp", default=None, help="scratch directory (default: system temp)")
     add_smoke_flag(parser)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.smoke:
         args.size_mb, args.repeat, args.chunk_size = 8, 1, 1 << 20
+    return args
 
+
+def run(args: argparse.Namespace, spark=None) -> None:
+    """Every figure; needs neither Ray nor ``spark`` (each operation runs in a process of its own)."""
     work = tempfile.mkdtemp(prefix="bench-model-table-", dir=args.tmp)
     try:
         src = os.path.join(work, "model")
@@ -217,6 +221,10 @@ def main() -> None:
            "information")
     measured(f"model table save, peak RSS ({args.size_mb} MB dir)", max(save_rss), "MB", "< 300 MB at 1 GB")
     measured(f"model table load, peak RSS ({args.size_mb} MB dir)", max(load_rss), "MB", "< 300 MB at 1 GB")
+
+
+def main() -> None:
+    run(parse_args())
     finish("bench_model_table")
 
 

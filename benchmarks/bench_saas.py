@@ -17,7 +17,7 @@ Usage::
 
     .venv/bin/python benchmarks/bench_saas.py                       # 4 workers, 50 ms, 800 rows, 3 repeats
     .venv/bin/python benchmarks/bench_saas.py --modes client,openai --repeat 1
-    .venv/bin/python benchmarks/bench_saas.py --smoke                # tiny: every figure finite and > 0
+    .venv/bin/python benchmarks/bench_saas.py --smoke                # 1 worker, 16 rows: every figure finite and > 0
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # Spark's Python worker
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from _common import add_smoke_flag, finish, report  # noqa: E402
+from _common import add_smoke_flag, deployment, finish, report, spark_session  # noqa: E402
 
 
 def start_upstream(latency_ms: float) -> tuple[subprocess.Popen, str]:
@@ -106,7 +106,7 @@ def bench_spark(spark, model: str, rows: int) -> float:
     return rows / elapsed
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--latency-ms", type=float, default=50.0)
@@ -115,51 +115,48 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--modes", default="direct,client,openai,spark")
     add_smoke_flag(parser)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.smoke:
-        args.rows, args.repeat = 64, 1
-    modes = args.modes.split(",")
-    ideal = args.workers / (args.latency_ms / 1000)
+        args.workers, args.rows, args.repeat = 1, 16, 1
+    return args
 
+
+def run(args: argparse.Namespace, spark=None) -> None:
+    """Every figure, on the cluster ``bls.init()`` started; the ``spark`` mode uses ``spark`` (default: a
+    local session of its own, stopped at the end)."""
     import byzerllm_spark as bls
 
+    modes = args.modes.split(",")
+    ideal = args.workers / (args.latency_ms / 1000)
     upstream, base_url = start_upstream(args.latency_ms)
     results: dict[str, list[float]] = {m: [] for m in modes}
-    spark = None
+    own_spark = spark is None and "spark" in modes
     try:
-        info = bls.init(http_port=0, include_dashboard=False)
-        bls.deploy("bench_saas", pretrained_model_type="saas/openai", num_workers=args.workers,
-                   infer_params={"saas.base_url": base_url, "saas.model": "fake", "saas.api_key": "sk-bench"})
-        bls.chat_batch("bench_saas", [f"warm{i}" for i in range(2 * args.workers)])
-        if "spark" in modes:
-            from pyspark.sql import SparkSession
-
-            spark = (SparkSession.builder.master("local[2]").appName("bench-saas")
-                     .config("spark.ui.enabled", "false").config("spark.sql.shuffle.partitions", "2").getOrCreate())
-            spark.sparkContext.setLogLevel("ERROR")
-            bls.register_model_function(spark, "bench_saas")
-            bench_spark(spark, "bench_saas", 16)  # JVM, Python workers and UDF warm
-        for rep in range(args.repeat):
-            for mode in modes:
-                if mode == "direct":
-                    value = bench_direct(base_url, args.rows, args.workers)
-                elif mode == "client":
-                    value = bench_client("bench_saas", args.rows, args.batch_size, 2 * args.workers)
-                elif mode == "openai":
-                    value = bench_openai(info.endpoint, "bench_saas", args.rows // 2, 2 * args.workers)
-                elif mode == "spark":
-                    value = bench_spark(spark, "bench_saas", args.rows)
-                else:
-                    raise SystemExit(f"unknown mode {mode!r}")
-                results[mode].append(value)
-                print(f"  run {rep + 1} {mode:7s} {value:7.1f} req/s", flush=True)
-        stat = bls.stat("bench_saas")
+        with deployment("bench_saas", pretrained_model_type="saas/openai", num_workers=args.workers,
+                        infer_params={"saas.base_url": base_url, "saas.model": "fake", "saas.api_key": "sk-bench"}):
+            bls.chat_batch("bench_saas", [f"warm{i}" for i in range(2 * args.workers)])
+            if "spark" in modes:
+                spark = spark_session("bench-saas") if own_spark else spark
+                bls.register_model_function(spark, "bench_saas")
+                bench_spark(spark, "bench_saas", 16)  # JVM, Python workers and UDF warm
+            for rep in range(args.repeat):
+                for mode in modes:
+                    if mode == "direct":
+                        value = bench_direct(base_url, args.rows, args.workers)
+                    elif mode == "client":
+                        value = bench_client("bench_saas", args.rows, args.batch_size, 2 * args.workers)
+                    elif mode == "openai":
+                        value = bench_openai(bls.endpoint(), "bench_saas", args.rows // 2, 2 * args.workers)
+                    elif mode == "spark":
+                        value = bench_spark(spark, "bench_saas", args.rows)
+                    else:
+                        raise SystemExit(f"unknown mode {mode!r}")
+                    results[mode].append(value)
+                    print(f"  run {rep + 1} {mode:7s} {value:7.1f} req/s", flush=True)
+            stat = bls.stat("bench_saas")
     finally:
-        if spark is not None:
+        if own_spark and spark is not None:
             spark.stop()
-        if bls.exists("bench_saas"):
-            bls.undeploy("bench_saas")
-        bls.shutdown()
         upstream.terminate()
         upstream.wait(10)
 
@@ -173,6 +170,17 @@ def main() -> None:
                median, ideal, "req/s", "of ideal; >= 0.9 for client/openai/spark")
     print(f"requests per worker: {stat['total_requests']}; tokens: prompt {stat['total_prompt_tokens']}, "
           f"completion {stat['total_completion_tokens']}")
+
+
+def main() -> None:
+    import byzerllm_spark as bls
+
+    args = parse_args()
+    bls.init(http_port=0, include_dashboard=False)
+    try:
+        run(args)
+    finally:
+        bls.shutdown()
     finish("bench_saas")
 
 

@@ -1,5 +1,6 @@
-"""Benchmarks cannot break unseen: every bench runs once at smoke sizes (``run_all.py --smoke``) and
-fails when a figure or baseline is zero, nan or infinite; the check itself is tested first."""
+"""Benchmarks cannot break unseen: every bench runs once at smoke sizes (``run_all.py --smoke``, all in
+one process: about two minutes on 2 quiet cores) and fails when a figure or baseline is zero, nan or
+infinite; the check itself is tested first, and so is the one-process-per-bench path of a full run."""
 
 from __future__ import annotations
 
@@ -55,17 +56,39 @@ def test_finish_exits_non_zero_naming_the_figure(tmp_path, monkeypatch, capsys):
     assert "no figure was recorded" in capsys.readouterr().err
 
 
+def _env(tmp_path) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", settings.CACHE_DIR_ENV)}
+    env.update({settings.HOME_ENV: str(tmp_path / "home"), "PYSPARK_PYTHON": sys.executable})
+    return env
+
+
+def test_a_full_run_runs_each_bench_as_its_own_script(tmp_path, monkeypatch):
+    # The path of a full-size run (a process per bench, figures through $BENCH_RESULTS), taken with the
+    # one bench that needs neither Ray nor Spark, at smoke size.
+    sys.path.insert(0, BENCH_DIR)
+    try:
+        import run_all
+    finally:
+        sys.path.remove(BENCH_DIR)
+    for key, value in _env(tmp_path).items():
+        monkeypatch.setenv(key, value)
+    entry = run_all.run_bench("model_table", smoke=True, timeout=300)
+    assert entry["ok"], entry.get("error")
+    assert {f["bench"] for f in entry["figures"]} == {"bench_model_table"} and len(entry["figures"]) == 5
+    assert entry["command"] == "benchmarks/bench_model_table.py --smoke" and entry["machine"]["cpus"]
+
+
 @pytest.mark.slow
 def test_every_benchmark_smoke(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update({settings.HOME_ENV: str(tmp_path / "home"), settings.CACHE_DIR_ENV: settings.cache_dir(),
-                "PYSPARK_PYTHON": sys.executable})
     out = tmp_path / "results"
-    proc = subprocess.run([sys.executable, os.path.join(BENCH_DIR, "run_all.py"), "--smoke", "--out", str(out),
-                           "--timeout", "900"], env=env, capture_output=True, text=True, timeout=3000)
+    proc = subprocess.run([sys.executable, os.path.join(BENCH_DIR, "run_all.py"), "--smoke", "--out", str(out)],
+                          env=_env(tmp_path), capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())["benches"]
     assert set(results) == {"serving", "spark", "saas", "finetune", "model_table"}
     for name, entry in results.items():
         assert entry["ok"] and entry["figures"], name
+        assert not _common().bad_figures(entry["figures"]), name
+    counts = {name: len(entry["figures"]) for name, entry in results.items()}
+    assert counts == {"serving": 7, "spark": 3, "saas": 4, "finetune": 3, "model_table": 5}, counts
     assert "| figure |" in (out / "results.md").read_text()
