@@ -291,7 +291,8 @@ def _run_script(args: argparse.Namespace) -> None:
         last.value.show(args.show, truncate=100)
     elif last is not None and isinstance(last.value, str) and last.statement.kind == "statement":
         print(last.value)  # a --%chat script's answer
-    if not shared and "ray" in sys.modules and any(r.statement.kind == "run" for r in result):
+    embedded = "ray" in sys.modules and cluster.is_connected() and cluster.info().embedded
+    if not shared and embedded and any(r.statement.kind == "run" for r in result):
         print("(the models ran in this command's own Ray and stop with it; `byzerllm start` keeps them running)",
               file=sys.stderr)
 

@@ -330,6 +330,11 @@ def info() -> ClusterInfo:
     return _state["info"]
 
 
+def is_connected() -> bool:
+    """True after ``init()`` in this process (until ``shutdown()``)."""
+    return _state["info"] is not None
+
+
 def ensure_init() -> ClusterInfo:
     """``init()`` with defaults unless already connected (the functions call this for you)."""
     import ray

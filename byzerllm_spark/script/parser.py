@@ -287,11 +287,11 @@ def _select(node: Any, text: str) -> Select:
         pieces.append(text[cursor:token.start_pos])
         value = str(token)
         if token.type == "PUNCT" and value in _FULL_WIDTH:
-            fixes.append(f"line {token.line}: read full-width {value!r} as {_FULL_WIDTH[value]!r}")
+            fixes.append(f"read full-width {value!r} on line {token.line} as {_FULL_WIDTH[value]!r}")
             value = _FULL_WIDTH[value]
         following = body[index + 1] if index + 1 < len(body) else None
         if value == "," and following is not None and str(following) in (")", "）"):
-            fixes.append(f"line {token.line}: dropped the trailing ',' before ')'")
+            fixes.append(f"dropped the trailing ',' before ')' on line {token.line}")
             value = ""
         pieces.append(value)
         cursor = token.end_pos

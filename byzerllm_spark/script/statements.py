@@ -635,8 +635,16 @@ def _select(session: ScriptSession, stmt: p.Select) -> StatementResult:
         warnings.warn(fix, ScriptWarning, stacklevel=2)
     sql = session.substitute(stmt.sql, "the select statement")
     spark = session.spark
-    df = spark.sql(sql)
-    df.createOrReplaceTempView(stmt.table)
+    # Byzer-LLM's SQL was written for Spark 3's default typing (ANSI off): map('user_role', 'User',
+    # 'temperature', 0.3) is a map of strings there, while ANSI mode casts 'User' to a double and fails.
+    # The statement is analysed with ANSI off, as there; the session's setting is restored after.
+    ansi = spark.conf.get("spark.sql.ansi.enabled", "false")
+    spark.conf.set("spark.sql.ansi.enabled", "false")
+    try:
+        df = spark.sql(sql)
+        df.createOrReplaceTempView(stmt.table)
+    finally:
+        spark.conf.set("spark.sql.ansi.enabled", ansi)
     return StatementResult(stmt, f"select registered as {stmt.table}", value=df, table=stmt.table)
 
 
