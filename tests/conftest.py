@@ -35,6 +35,11 @@ def cluster():
 
     # The dashboard hosts Ray Jobs, which detached finetune jobs use. The node is also "master" (a custom
     # resource), as the node of Byzer-LLM's finetune guide that `resource.master=0.01` pins a deploy to.
+    # Another Ray on the machine (another test run) may hold the dashboard agent's fixed port: then this
+    # session's agent takes a free one, or its Ray would take no jobs (see tests/_readme.py).
+    from _readme import _dashboard_agent_port_if_taken
+
+    _dashboard_agent_port_if_taken()
     info = bls.init(http_port=0, include_dashboard=True, resources={"master": 1})
     yield info
     for model in bls.list_models():

@@ -461,6 +461,10 @@ def _deploy(session: ScriptSession, stmt: p.Run, params: dict[str, str]) -> Stat
             undeploy(name)  # nothing half-done is left behind
         raise
     backend = config.infer_backend or ""
+    if not backend and config.pretrained_model_type == "custom/auto":
+        from ..backends.registry import default_infer_backend
+
+        backend = default_infer_backend()
     return StatementResult(stmt, f"deployed {name} ({config.pretrained_model_type}{' ' + backend if backend else ''}, "
                                  f"{config.num_workers} worker(s)); SQL function {config.udf_name or name}",
                            value=config, table=name)
