@@ -72,3 +72,13 @@ def arrow_schema():
             pa.field("data", pa.binary(), nullable=False),
         ]
     )
+
+
+def progress_bar(total_bytes: int, desc: str):
+    """A bytes bar for a save or load: shown after 2 s on a terminal or in a notebook, never in logs."""
+    from tqdm.auto import tqdm
+
+    from ..settings import progress_disable
+
+    return tqdm(total=total_bytes or None, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, leave=False,
+                disable=progress_disable(), delay=2.0)

@@ -28,7 +28,7 @@ from filelock import FileLock
 
 from .. import settings
 from ..errors import ChecksumError, ConfigError, ModelTableError, bad_value
-from ._format import COLUMNS, threads
+from ._format import COLUMNS, progress_bar, threads
 from ._open import Snapshot, check_version, open_snapshot
 from .names import TableRef, filesystem, is_uri, locate
 
@@ -327,8 +327,11 @@ class _Materialiser:
 
 def _materialise(snap: Snapshot, target: str) -> None:
     """Write every file of ``snap`` into ``target``, verified; raise on the first fault."""
+    import pyarrow.compute as pc
+
     where = snap.where
     info = snap.commit_info()
+    bar = progress_bar(int(info.get("bytes") or 0), f"load {where}")
     with ThreadPoolExecutor(threads(), thread_name_prefix="model-table-load") as pool:
         m = _Materialiser(where, target, pool)
         futures: list[Future] = []
@@ -338,6 +341,7 @@ def _materialise(snap: Snapshot, target: str) -> None:
                 current = []
                 for batch in group.to_batches():
                     current.extend(m.submit(batch, parquet_path))
+                    bar.update(pc.sum(batch.column("length")).as_py() or 0)
                 futures = previous + current
                 # Two row groups in flight keep every thread busy across the boundary; waiting
                 # for the older one keeps memory bounded.
@@ -355,3 +359,4 @@ def _materialise(snap: Snapshot, target: str) -> None:
         finally:
             pool.shutdown(wait=True)
             m.close()
+            bar.close()

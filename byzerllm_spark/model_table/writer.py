@@ -174,6 +174,7 @@ def _write_data_files(ref: TableRef, files: list[_SourceFile], chunk_size: int) 
     fs.create_dir(root, recursive=True)
     sink = _ParquetSink(ref.uri, schema)
     rows_per_group = max(1, _format.ROW_GROUP_BYTES // chunk_size)
+    bar = _format.progress_bar(sum(f.size for f in files), f"save {ref}")
     try:
         with ThreadPoolExecutor(threads(), thread_name_prefix="model-table-read") as pool, \
                 ThreadPoolExecutor(1, thread_name_prefix="model-table-write") as writer:
@@ -183,21 +184,25 @@ def _write_data_files(ref: TableRef, files: list[_SourceFile], chunk_size: int) 
             buffers = [pa.allocate_buffer(rows_per_group * chunk_size) for _ in range(3)]
             pending: Future | None = None
             reading: _PendingBatch | None = None
+            reading_plan: list[tuple] = []
             plans = _batched(_chunk_plan(files, chunk_size), rows_per_group)
             for n, plan in enumerate(itertools.chain(plans, [None])):
                 ahead = _PendingBatch(plan, pool, buffers[n % 3]) if plan is not None else None
                 if reading is not None:
                     batch, meta = reading.collect(pa, schema)
+                    bar.update(sum(item[3] for item in reading_plan))
                     if pending is not None:
                         pending.result()
                     pending = writer.submit(sink.write, batch, meta)
-                reading = ahead
+                reading, reading_plan = ahead, plan
             if pending is not None:
                 pending.result()
         sink.close_file()
     except BaseException:
         sink.abort()  # nothing refers to these files yet: remove them
         raise
+    finally:
+        bar.close()
     return sink
 
 
