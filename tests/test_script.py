@@ -250,7 +250,7 @@ def test_doc_001_sfft_block_trains_with_its_deepspeed_config(spark, paths):
     sfft = blocks("001")[3]
     assert "sfft/llama2" in sfft
     # the document sets ds_config and finalTrainData elsewhere: here, before its block
-    prelude = ("set ds_config='''{\"train_batch_size\": 2, \"train_micro_batch_size_per_gpu\": 2, "
+    prelude = ("set ds_config='''{\"train_batch_size\": 1, \"train_micro_batch_size_per_gpu\": 1, "
                "\"optimizer\": {\"type\": \"AdamW\", \"params\": {\"lr\": 1e-4, \"torch_adam\": true}}, "
                "\"zero_optimization\": {\"stage\": 1}}''';\n"
                "select concat('Line ', id, ' of a tiny corpus about the river Tallow.') as text "
