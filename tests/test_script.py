@@ -20,7 +20,7 @@ import pytest
 
 import byzerllm_spark as bls
 from byzerllm_spark.errors import ConfigError
-from byzerllm_spark.script import ScriptError, ScriptSession, ScriptSyntaxError, ScriptWarning, parse, run_script
+from byzerllm_spark.script import ScriptError, ScriptSession, ScriptSyntaxError, parse, run_script
 from byzerllm_spark.script.chat_cell import is_chat_cell, parse_chat_cell
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -2,12 +2,13 @@
 ``select`` statements and ``--%chat`` cells.
 
 Modules: ``byzer.lark`` (the grammar), :mod:`.parser` (script → statements), :mod:`.statements` (each
-statement onto the public API), :mod:`.chat_cell` (``--%chat``), :mod:`.presets` (``!byzerllm setup single``).
+statement onto the public API), :mod:`.results`, :mod:`.chat_cell` (``--%chat``), :mod:`.presets` (``!byzerllm setup single``).
 The IPython extension is :mod:`byzerllm_spark.notebook`; the command line ``byzerllm run``.
 """
 
 from .parser import ScriptSyntaxError, parse
-from .statements import ScriptError, ScriptResult, ScriptSession, ScriptWarning, StatementResult, run_script
+from .results import ScriptResult, StatementResult
+from .statements import ScriptError, ScriptSession, ScriptWarning, run_script
 
 __all__ = ["ScriptError", "ScriptResult", "ScriptSession", "ScriptSyntaxError", "ScriptWarning", "StatementResult",
            "parse", "run_script"]

@@ -17,13 +17,11 @@ until a later cell changes them; ``--%new_conversation=true`` starts the model's
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..errors import ConfigError
 from . import parser as p
-
-if TYPE_CHECKING:
-    from .statements import ScriptSession, StatementResult
+from .results import StatementResult
 
 #: ``--%key=value`` lines a chat cell takes (besides ``--%chat``), and what each is.
 CHAT_KEYS = {
@@ -81,10 +79,12 @@ def parse_chat_cell(text: str) -> tuple[dict[str, str], str, int]:
     return options, text_question, first_line
 
 
-def run_chat_cell(session: "ScriptSession", text: str) -> "StatementResult":
-    """Ask the cell's model its question with the conversation so far; keep the turn."""
+def run_chat_cell(session: Any, text: str) -> StatementResult:
+    """Ask the cell's model its question with the conversation so far; keep the turn.
+
+    ``session`` is the :class:`~.statements.ScriptSession` whose conversations, options and Spark it uses.
+    """
     from ..api.chat import chat
-    from .statements import StatementResult
 
     options, question, line = parse_chat_cell(text)
     model = options["model"]

@@ -23,12 +23,14 @@ import re
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Callable
 
 from ..errors import ByzerLLMError, ConfigError
 from . import parser as p
+from .chat_cell import is_chat_cell, run_chat_cell
 from .presets import PRESETS
+from .results import ScriptResult, StatementResult
 
 logger = logging.getLogger(__name__)
 
@@ -86,57 +88,6 @@ _FINETUNE_KEYS = frozenset({
 })
 _VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _FORMATS = ("json", "csv", "parquet", "text", "orc", "delta", "model", "jdbc", "avro")
-
-
-@dataclass
-class StatementResult:
-    """What one statement did.
-
-    Attributes:
-        statement: the parsed statement (its ``line`` and ``text``).
-        summary: one line saying what was done.
-        value: the statement's product: a DataFrame (load/select), DeployConfig, FinetuneJob, the conf
-            dict (``!byzerllm setup;``), a model path or table version.
-        table: the temporary view or model name the statement registered, if any.
-        warnings: what the statement accepted but could not honour, and lenient readings.
-        seconds: wall time.
-    """
-
-    statement: p.Statement
-    summary: str
-    value: Any = None
-    table: str | None = None
-    warnings: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-
-    def __repr__(self) -> str:
-        return f"<line {self.statement.line}: {self.summary}>"
-
-
-class ScriptResult(list):
-    """The :class:`StatementResult` of each statement run, in order (a list), with helpers.
-
-    Example:
-        >>> result = bls.run_script("select 1 as x as t;", spark=spark)  # doctest: +SKIP
-        >>> result.tables["t"].collect()  # doctest: +SKIP
-        [Row(x=1)]
-    """
-
-    @property
-    def tables(self) -> dict[str, Any]:
-        """Temporary views registered by the script: name → DataFrame."""
-        return {r.table: r.value for r in self if r.table and _is_dataframe(r.value)}
-
-    @property
-    def last(self) -> StatementResult | None:
-        return self[-1] if self else None
-
-    def __repr__(self) -> str:
-        return "\n".join(f"[{i}] line {r.statement.line}: {r.summary}" for i, r in enumerate(self)) or "<no statements>"
-
-
-def _is_dataframe(value: Any) -> bool:
-    return type(value).__name__ == "DataFrame"
 
 
 @dataclass
@@ -231,8 +182,6 @@ class ScriptSession:
     # ---- running ---------------------------------------------------------------------------------
     def run(self, text: str) -> ScriptResult:
         """Run a script (see :func:`run_script`)."""
-        from .chat_cell import is_chat_cell, run_chat_cell
-
         if is_chat_cell(text):
             result = ScriptResult()
             result.append(run_chat_cell(self, text))
@@ -661,8 +610,3 @@ _RUNNERS: dict[type, Callable[[ScriptSession, Any], StatementResult]] = {
     p.Command: _command, p.Run: _run, p.Load: _load, p.Save: _save, p.Set: _set, p.Select: _select, p.Other: _other,
 }
 
-
-def iter_results(result: ScriptResult) -> Iterator[tuple[StatementResult, Any]]:
-    """(statement result, rows to show) for display: the rows of select statements' views (first 20)."""
-    for item in result:
-        yield item, item.value if isinstance(item.statement, p.Select) else None

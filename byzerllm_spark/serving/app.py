@@ -19,9 +19,6 @@ from ..settings import DEPLOYMENT_NAME, NAMESPACE
 
 logger = logging.getLogger(__name__)
 
-#: Requests a SaaS worker holds per upstream slot: it only waits on the network, so the next batch is
-#: already there when one ends instead of waiting out the router's backoff.
-SAAS_QUEUE_DEPTH = 4
 #: (first, longest) wait in seconds before a request that found every worker full looks again.
 #: Serve polls for a free replica (it is not told when one frees up); its default of up to 0.5 s
 #: left workers idle between LLM batches (measured: SmolLM2 via SQL fell to 0.86 of in-process).

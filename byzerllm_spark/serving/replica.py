@@ -43,13 +43,14 @@ BODY_TIMEOUT_S = 30.0
 #: Serve slots per worker beyond its work slots: requests whose bodies are being read, or that wait
 #: for a work slot. Two stalled uploads per worker leave room for everyone else.
 SPARE_SLOTS = 4
+#: Requests a SaaS worker holds per upstream slot: it only waits on the network, so the next batch is
+#: already there when one ends instead of waiting out the router's backoff.
+SAAS_QUEUE_DEPTH = 4
 
 
 def work_slots(config) -> int:
     """Requests a worker works on at once: ``worker_concurrency``; a SaaS worker holds
-    ``SAAS_QUEUE_DEPTH`` per slot (it only waits on the network, see ``app.SAAS_QUEUE_DEPTH``)."""
-    from .app import SAAS_QUEUE_DEPTH
-
+    ``SAAS_QUEUE_DEPTH`` per slot (it only waits on the network)."""
     return config.worker_concurrency * (SAAS_QUEUE_DEPTH if config.is_saas else 1)
 
 
