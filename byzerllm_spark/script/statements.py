@@ -128,7 +128,13 @@ class ScriptSession:
             if self._spark is None:
                 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
                 os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
-                self._spark = SparkSession.builder.master("local[*]").appName("byzerllm-script").getOrCreate()
+                from importlib import resources
+
+                quiet = resources.files(__package__).joinpath("log4j2-quiet.properties")
+                self._spark = (SparkSession.builder.master("local[*]").appName("byzerllm-script")
+                               .config("spark.driver.extraJavaOptions", f"-Dlog4j2.configurationFile={quiet}")
+                               .config("spark.ui.showConsoleProgress", "false")
+                               .getOrCreate())
             from ..sql.functions import register_functions
 
             register_functions(self._spark)
