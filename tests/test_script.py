@@ -198,11 +198,15 @@ def test_doc_001_plugin_call_with_llm_prompt_and_generation_keys(spark, paths):
         assert any("read full-width" in w for w in result[-1].warnings)
         answer = _answers(result.tables["q1"])[0]
         assert isinstance(answer, str) and answer.strip()
-        # the same call to a plugin (Byzer-LLM's contract): the instruction is the filled llm_prompt
+        # the same blocks through `byzerllm run`, on a plugin (Byzer-LLM's contract) that answers with the
+        # instruction it got: the filled llm_prompt
         echo = deploy_block.replace('pretrainedModelType="llama"', 'pretrainedModelType="custom/echo"')
-        result = run_script(localise(echo.replace("llama_13b_chat", "echo_chat"), paths)
-                            + select_block.replace("llama_13b_chat(", "echo_chat(").replace("as q1", "as q2"), spark=spark)
-        assert _answers(result.tables["q2"])[0].strip().startswith("你好，请记住我的名字：祝威廉")
+        script = paths["tmp"] / "plugin.byzer"
+        script.write_text(f'!python conf "rayAddress={paths["ray"]}";\n'
+                          + localise(echo.replace("llama_13b_chat", "echo_chat"), paths)
+                          + select_block.replace("llama_13b_chat(", "echo_chat(").replace("as q1", "as q2"))
+        out = _byzerllm("run", str(script))
+        assert "请记住我的名字：祝威廉" in out.stdout and "read full-width" in out.stderr, out
     finally:
         for name in ("llama_13b_chat", "echo_chat"):
             if bls.exists(name):
