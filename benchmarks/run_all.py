@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/run_all.py                    # all, full size (an hour or more on 2 cores)
     .venv/bin/python benchmarks/run_all.py --only serving     # some; the others' last results are kept
     .venv/bin/python benchmarks/run_all.py --smoke --out /tmp/x   # tiny sizes, the check CI runs
+    .venv/bin/python benchmarks/run_all.py --only finetune --args "finetune=--repeat 1"   # a reduced size
 
 At full size each benchmark runs in its own process (its script, as a user runs it) and records its
 figures through ``_common.finish``. With ``--smoke`` they all run in this one process instead, on one
@@ -24,6 +25,7 @@ import os
 import platform
 import subprocess
 import sys
+import shlex
 import shutil
 import tempfile
 import time
@@ -71,10 +73,10 @@ def _entry(name: str, command: str, smoke: bool) -> dict:
             "machine": machine(), "smoke": smoke}
 
 
-def run_bench(name: str, smoke: bool, timeout: float) -> dict:
-    """One bench as its own process: its script, as a user runs it."""
+def run_bench(name: str, smoke: bool, timeout: float, args: list[str] = ()) -> dict:
+    """One bench as its own process: its script, as a user runs it (with ``args`` after its own)."""
     script, *extra = BENCHES[name]
-    command = [sys.executable, script, *extra] + (["--smoke"] if smoke else [])
+    command = [sys.executable, script, *extra, *args] + (["--smoke"] if smoke else [])
     with tempfile.NamedTemporaryFile(suffix=".jsonl", delete=False) as f:
         sink = f.name
     env = {**os.environ, "BENCH_RESULTS": sink}
@@ -185,12 +187,21 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="folder for results.json/results.md (default: benchmarks/; "
                         "with --smoke, nothing is written unless given)")
     parser.add_argument("--timeout", type=float, default=3 * 3600, help="seconds per bench (full size)")
+    parser.add_argument("--args", action="append", default=[], metavar="NAME=ARGS",
+                        help="more arguments for one bench at full size, e.g. 'finetune=--repeat 1' (a reduced "
+                        "size; the command recorded in the results shows them)")
     args = parser.parse_args()
     names = [n for n in args.only.split(",") if n]
     unknown = [n for n in names if n not in BENCHES]
     if unknown:
         raise SystemExit(f"--only: {unknown} not benches; available: {', '.join(BENCHES)}")
     names = [n for n in BENCHES if n in names]  # serving first: its cold deploy needs the empty cache
+    more: dict[str, list[str]] = {}
+    for item in args.args:
+        name, _, text = item.partition("=")
+        if name not in BENCHES or args.smoke:
+            raise SystemExit(f"--args {item!r}: expected NAME=ARGS with NAME one of {', '.join(BENCHES)}, without --smoke")
+        more[name] = more.get(name, []) + shlex.split(text)
     out = args.out or (None if args.smoke else HERE)
     previous: dict = {}
     if out and os.path.exists(os.path.join(out, "results.json")):
@@ -200,7 +211,7 @@ def main() -> None:
     if args.smoke:
         entries = run_in_process(names)
     else:
-        entries = {name: run_bench(name, False, args.timeout) for name in names}
+        entries = {name: run_bench(name, False, args.timeout, more.get(name, [])) for name in names}
     print(f"== {len(entries)} benches in {time.perf_counter() - start:.1f} s", flush=True)
     failed = [n for n, e in entries.items() if not e["ok"]]
     if out:
