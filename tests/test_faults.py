@@ -83,11 +83,11 @@ def test_a_server_that_comes_back_within_the_budget_answers():
         assert transport.post(f"http://127.0.0.1:{port}", "m", "arrow", b"x", retry_seconds=20) == b"ok"
         assert transport.last_retries() >= 3
     finally:
-        starter.cancel()
-        starter.join()
-        for server in servers:
+        starter.cancel()  # not started yet: it never will be
+        for server in servers:  # started: serve_forever runs in the timer's thread until shutdown()
             server.shutdown()
             server.server_close()
+        starter.join()
 
 
 # ---- a Serve proxy restart during a Spark query ----------------------------------------------------
