@@ -286,9 +286,10 @@ def _run_script(args: argparse.Namespace) -> None:
     result = session.run(text)
     for item in result:  # (warnings were logged as each statement ran)
         print(f"line {item.statement.line}: {item.summary}")
+    selects = [r for r in result if isinstance(r.statement, Select)]
     last = result.last
-    if last is not None and isinstance(last.statement, Select) and args.show > 0:
-        last.value.show(args.show, truncate=100)
+    if selects and args.show > 0:
+        selects[-1].value.show(args.show, truncate=100)
     elif last is not None and isinstance(last.value, str) and last.statement.kind == "statement":
         print(last.value)  # a --%chat script's answer
     embedded = "ray" in sys.modules and cluster.is_connected() and cluster.info().embedded

@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 
 import byzerllm_spark as bls
-from byzerllm_spark.errors import ConfigError
 from byzerllm_spark.script import ScriptError, ScriptSession, ScriptSyntaxError, parse, run_script
 from byzerllm_spark.script.chat_cell import is_chat_cell, parse_chat_cell
 
@@ -79,10 +78,14 @@ def test_full_width_punctuation_and_a_trailing_comma_are_read_leniently_and_said
 @pytest.mark.parametrize("script, where, message", [
     ("select 'abc as t;", (1, 8), "unclosed quote"),
     ("!byzerllm setup single;\nselect 1 as a as t", (2, 19), "missing ';'"),
-    ("!byzerllm setup single\nrun command as LLM.`` where action=\"infer\";", (2, 19), "expected ';'"),
+    ("!byzerllm setup single\nrun command as LLM.`` where action=\"infer\";", (2, 1), "expected ';' before 'run'"),
     ("select 1;", (1, 9), "ends with 'as <table>'"),
     ("run command as LLM.`` where a=\"1\" and a=\"2\";", (1, 39), "given twice"),
     ("load json.`/x` as;", (1, 18), "expected a name"),
+    ("!byzerllm setup single\nselect 1 as a as t;", (2, 1), "expected ';' before 'select'"),
+    ("select 1 as a as t\nselect 2 as b as u;", (1, 19), "missing ';' after 'as t'"),
+    ("set ds='''{\"a\": 1};", (1, 8), "unclosed quote '''"),
+    ("/* a comment\nselect 1 as a as t;", (1, 1), "unclosed comment"),
 ])
 def test_a_script_that_does_not_parse_names_line_and_column_and_shows_the_line(script, where, message):
     with pytest.raises(ScriptSyntaxError, match=message) as info:
@@ -109,8 +112,10 @@ def test_unknown_statements_keys_and_modules_are_refused_with_the_valid_ones():
         session.run("!byzerllm model list;")
     with pytest.raises(ScriptError, match=r"\$\{ds_config\}, which is not set"):
         session.run("set a='''${ds_config}''';")
-    with pytest.raises(ConfigError, match=r"unknown chat cell option --%modle.*--%model"):
+    with pytest.raises(ScriptError, match=r"unknown chat cell option --%modle.*--%model"):
         session.run("--%chat\n--%modle=chat\nhi")
+    with pytest.raises(ScriptError, match=r"'udfname' is not a parameter: did you mean 'udfName'"):
+        session.run('run command as LLM.`` where action="infer" and udfname="chat";')
 
 
 def test_setup_presets_and_conf_are_kept_and_shown():
@@ -308,3 +313,26 @@ def test_the_example_notebook_runs_in_a_real_kernel(tmp_path, monkeypatch):
     follow_up = max(i for i, c in enumerate(notebook.cells) if "What is my favourite colour" in c.source)
     assert "teal" in outputs[follow_up].lower()
     assert "teal" in outputs[follow_up + 1].lower() and "next_answer" in outputs[follow_up + 1]  # the SQL cell
+
+
+@pytest.mark.slow
+def test_rows_of_a_select_survive_removing_its_model_and_earlier_deployments_are_callable(spark, paths):
+    session = ScriptSession(spark)
+    result = session.run(
+        'run command as LLM.`` where action="infer" and pretrainedModelType="custom/echo" and udfName="gone";\n'
+        "select gone(llm_param(map('instruction', concat('row ', id)))) as a from range(3) as t;\n"
+        "!byzerllm model remove gone;"
+    )
+    assert not bls.exists("gone")
+    assert sorted(_answers(spark.table("t"))) == ["row 0", "row 1", "row 2"]  # computed before the model went
+    assert sorted(_answers(result.tables["t"])) == ["row 0", "row 1", "row 2"]
+    # a model deployed before the script (another command, a notebook): its SQL function is registered
+    bls.deploy("earlier", pretrained_model_type="custom/echo", cpus_per_worker=0.1)
+    try:
+        result = run_script("select earlier(llm_param(map('instruction', 'x'))) as a as t;", spark=spark)
+        assert _answers(result.tables["t"]) == ["x"]
+        assert any("deployed before this script" in w for w in result[0].warnings)
+        with pytest.raises(ScriptError, match=r"nosuch\(\.\.\.\) is neither a Spark function nor a deployed model"):
+            run_script("select nosuch(1) as a as t;", spark=spark)
+    finally:
+        bls.undeploy("earlier")

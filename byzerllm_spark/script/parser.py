@@ -8,6 +8,7 @@ run here: :mod:`.statements` runs them.
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -144,13 +145,27 @@ def parse(text: str) -> list[Statement]:
     try:
         tree = _lark().parse(text)
     except UnexpectedCharacters as exc:
-        char = text[exc.pos_in_stream] if exc.pos_in_stream < len(text) else ""
+        pos, line, column = exc.pos_in_stream, exc.line, exc.column
+        char = text[pos] if pos < len(text) else ""
         if char in "'\"`":
+            # an unclosed triple quote lexes as an empty string first: point at the opening triple
+            if char != "`" and text[max(0, pos - 2):pos] == char * 2:
+                column, char = column - 2, char * 3
             what = f"unclosed quote {char}: the string that starts here has no closing {char}"
         else:
             what = f"unexpected character {char!r}"
-        raise ScriptSyntaxError(what, line=exc.line, column=exc.column, source=text) from None
+        raise ScriptSyntaxError(what, line=line, column=column, source=text) from None
     except UnexpectedToken as exc:
+        start = getattr(exc.token, "start_pos", None)
+        if start is not None and text[start:start + 2] == "/*":
+            raise ScriptSyntaxError("unclosed comment: the /* that starts here has no closing */", line=exc.line,
+                                    column=exc.column, source=text) from None
+        if start is not None and "SEMI" in exc.expected:
+            found = _statement_start_inside(text, start)
+            if found is not None:  # a statement began on a later line of this one: its ';' is missing
+                line, column, word = found
+                raise ScriptSyntaxError(f"expected ';' before {word!r}: end each statement with ';'", line=line,
+                                        column=column, source=text) from None
         raise ScriptSyntaxError(_unexpected(exc), line=exc.line, column=exc.column, source=text) from None
     except UnexpectedEOF:
         line = text.count("\n") + 1
@@ -160,6 +175,24 @@ def parse(text: str) -> list[Statement]:
     except UnexpectedInput as exc:  # pragma: no cover - the three above are all Lark raises for LALR
         raise ScriptSyntaxError(str(exc), line=exc.line, column=exc.column, source=text) from None
     return _statements(tree, text)
+
+
+_STATEMENT_START = re.compile(r"^[ \t]*(!|(run|load|save|set|select)\b)", re.IGNORECASE | re.MULTILINE)
+
+
+def _statement_start_inside(text: str, pos: int) -> tuple[int, int, str] | None:
+    """(line, column, word) of a statement keyword starting a line of the statement that holds ``pos``,
+    after its first line; None when there is none."""
+    begin = text.rfind(";", 0, pos) + 1
+    first_newline = text.find("\n", begin)
+    if first_newline < 0 or first_newline >= pos:
+        return None
+    match = _STATEMENT_START.search(text, first_newline + 1, pos)
+    if match is None:
+        return None
+    at = match.start(1)
+    line = text.count("\n", 0, at) + 1
+    return line, at - text.rfind("\n", 0, at), match.group(1)
 
 
 def _unexpected(exc: Any) -> str:
@@ -237,6 +270,11 @@ def _params(node: Any, text: str) -> dict[str, str]:
 
 
 def _command(node: Any, text: str) -> Command:
+    for child in node.children:
+        if getattr(child, "data", None) == "next_statement":
+            keyword = child.children[0]
+            raise ScriptSyntaxError(f"expected ';' before {str(keyword)!r}: end each statement with ';'",
+                                    line=keyword.line, column=keyword.column, source=text)
     words = tuple(unquote(t) for t in _tokens(node)[1:])
     return Command(**_meta(node, text), words=words)
 
@@ -280,6 +318,12 @@ def _select(node: Any, text: str) -> Select:
             line=last.end_line, column=last.end_column, source=text,
         )
     body = tokens[:-2]
+    for index in range(2, len(body)):
+        token, name, as_ = body[index], body[index - 1], body[index - 2]
+        if (str(token).lower() == "select" and token.column == 1 and str(as_).lower() == "as"
+                and name.type == "NAME" and name.line < token.line):
+            raise ScriptSyntaxError(f"missing ';' after 'as {name}': a new select starts on line {token.line}",
+                                    line=name.end_line, column=name.end_column, source=text)
     fixes: list[str] = []
     pieces: list[str] = []
     cursor = body[0].start_pos
@@ -287,11 +331,11 @@ def _select(node: Any, text: str) -> Select:
         pieces.append(text[cursor:token.start_pos])
         value = str(token)
         if token.type == "PUNCT" and value in _FULL_WIDTH:
-            fixes.append(f"read full-width {value!r} on line {token.line} as {_FULL_WIDTH[value]!r}")
+            fixes.append(f"read the full-width {value!r} at column {token.column} as {_FULL_WIDTH[value]!r}")
             value = _FULL_WIDTH[value]
         following = body[index + 1] if index + 1 < len(body) else None
         if value == "," and following is not None and str(following) in (")", "）"):
-            fixes.append(f"dropped the trailing ',' before ')' on line {token.line}")
+            fixes.append(f"dropped the trailing ',' at column {token.column} before ')'")
             value = ""
         pieces.append(value)
         cursor = token.end_pos

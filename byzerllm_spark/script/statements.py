@@ -117,6 +117,7 @@ class ScriptSession:
         self.models: dict[str, Any] = {}  # name -> model dir, model table, or _PendingModel
         self.histories: dict[str, list[dict[str, str]]] = {}
         self.chat_options: dict[str, dict[str, str]] = {}  # per model: --%chat options kept across cells
+        self.selects: dict[str, StatementResult] = {}  # views still lazy, by name
 
     # ---- what statements need ------------------------------------------------------------------
     @property
@@ -190,7 +191,10 @@ class ScriptSession:
         """Run a script (see :func:`run_script`)."""
         if is_chat_cell(text):
             result = ScriptResult()
-            result.append(run_chat_cell(self, text))
+            try:
+                result.append(run_chat_cell(self, text))
+            except Exception as exc:  # noqa: BLE001 - reported like any statement's failure
+                raise _failed(exc, 1, p.Statement(line=1, column=1, text=text), result) from exc
             return result
         statements = p.parse(text)
         done = ScriptResult()
@@ -216,9 +220,15 @@ class ScriptSession:
 
 def _failed(exc: Exception, number: int, statement: p.Statement, done: ScriptResult) -> ScriptError:
     first = statement.text.strip().splitlines()[0] if statement.text.strip() else ""
-    ran = f"{len(done)} statement(s) before it ran" if done else "nothing ran before it"
-    return ScriptError(f"statement {number} (line {statement.line}: {first[:80]}) failed: {exc}\n({ran}: "
-                       f"{'; '.join(r.summary for r in done) or '-'})", statement=statement, completed=done)
+    if len(first) > 80:
+        first = first[:77] + "..."
+    reason = str(exc)
+    if not isinstance(exc, ByzerLLMError):  # Spark's messages carry the query plan: its first line says it
+        reason = f"{type(exc).__name__}: {reason.strip().splitlines()[0] if reason.strip() else ''}"
+    ran = (f"{len(done)} statement(s) before it ran: {'; '.join(r.summary for r in done)}" if done
+           else "nothing ran before it")
+    return ScriptError(f"statement {number} (line {statement.line}: {first}) failed: {reason}\n({ran})",
+                       statement=statement, completed=done)
 
 
 def run_script(text: str, spark: Any = None, *, session: ScriptSession | None = None,
@@ -321,6 +331,12 @@ def _remove(session: ScriptSession, stmt: p.Command, name: str) -> StatementResu
     from ..api.deploy import undeploy
 
     session.ray()
+    calls = re.compile(rf"\b{re.escape(name)}\s*\(", re.IGNORECASE)
+    for table, result in list(session.selects.items()):
+        if calls.search(result.statement.sql):  # its rows need the model: compute them before it goes
+            result.value = result.value.localCheckpoint(eager=True)
+            result.value.createOrReplaceTempView(table)
+            del session.selects[table]
     undeploy(name)
     session.histories.pop(name, None)
     spark = session._spark or _active_spark()
@@ -341,6 +357,7 @@ def _run(session: ScriptSession, stmt: p.Run) -> StatementResult:
     if stmt.module.lower() != "llm":
         raise ConfigError(f"run ... as {stmt.module}.`{stmt.path}`: the module here is LLM (run command as LLM.`` where ...)")
     params = {key: session.substitute(value, key) for key, value in stmt.params.items()}
+    _check_case(params)
     action = params.get("action", "").strip().lower()
     model_type = params.get("pretrainedModelType", "")
     if action not in ("", "infer", "finetune"):
@@ -349,6 +366,18 @@ def _run(session: ScriptSession, stmt: p.Run) -> StatementResult:
     if action == "finetune" or (not action and (model_type.startswith(("sft/", "sfft/")) or "inputTable" in params)):
         return _finetune(session, stmt, params)
     return _deploy(session, stmt, params)
+
+
+def _check_case(params: dict[str, str]) -> None:
+    """A key that is a known parameter in another case (``udfname``) is a typo: say which one was meant."""
+    from ..config import BYZER_DEPLOY_NAMES
+
+    known = {k.lower(): k for k in (*BYZER_DEPLOY_NAMES, *_FINETUNE_KEYS, "udfName", "apiKey")}
+    for key in params:
+        proper = known.get(key.lower())
+        if proper is not None and proper != key:
+            raise ConfigError(f"{key!r} is not a parameter: did you mean {proper!r}? (parameter names are "
+                              f"case-sensitive, as in Byzer-LLM)")
 
 
 def _ignored(params: dict[str, str], keys) -> None:
@@ -420,7 +449,8 @@ def _deploy(session: ScriptSession, stmt: p.Run, params: dict[str, str]) -> Stat
         from ..backends.registry import default_infer_backend
 
         backend = default_infer_backend()
-    return StatementResult(stmt, f"deployed {name} ({config.pretrained_model_type}{' ' + backend if backend else ''}, "
+    verb = "reconnected to" if existed else "deployed"
+    return StatementResult(stmt, f"{verb} {name} ({config.pretrained_model_type}{' ' + backend if backend else ''}, "
                                  f"{config.num_workers} worker(s)); SQL function {config.udf_name or name}",
                            value=config, table=name)
 
@@ -600,11 +630,43 @@ def _select(session: ScriptSession, stmt: p.Select) -> StatementResult:
     ansi = spark.conf.get("spark.sql.ansi.enabled", "false")
     spark.conf.set("spark.sql.ansi.enabled", "false")
     try:
-        df = spark.sql(sql)
+        try:
+            df = spark.sql(sql)
+        except Exception as exc:  # noqa: BLE001 - only an unknown function is handled here
+            name = _unresolved_function(exc)
+            if name is None or not _register_deployed(session, name):
+                raise
+            df = spark.sql(sql)  # a model deployed earlier (another script or command): now registered
         df.createOrReplaceTempView(stmt.table)
     finally:
         spark.conf.set("spark.sql.ansi.enabled", ansi)
-    return StatementResult(stmt, f"select registered as {stmt.table}", value=df, table=stmt.table)
+    result = StatementResult(stmt, f"select registered as {stmt.table} (computed when its rows are used)", value=df,
+                             table=stmt.table)
+    session.selects[stmt.table] = result
+    return result
+
+
+def _unresolved_function(exc: Exception) -> str | None:
+    match = re.search(r"UNRESOLVED_ROUTINE\].*?routine `([^`]+)`", str(exc))
+    return match.group(1).split(".")[-1] if match else None
+
+
+def _register_deployed(session: ScriptSession, name: str) -> bool:
+    """Register the SQL function of a model deployed before this script (same name); False if none is."""
+    from ..api.deploy import deploy_config, exists, list_models
+    from ..sql.functions import register_model_function
+
+    session.ray()
+    if not exists(name):
+        deployed = list_models()
+        raise ConfigError(f"{name}(...) is neither a Spark function nor a deployed model (deployed: "
+                          f"{', '.join(deployed) or 'none'}); deploy it first: run command as LLM.`` where "
+                          f"action=\"infer\" and udfName=\"{name}\";")
+    config = deploy_config(name)
+    register_model_function(session.spark, name, udf_name=config.udf_name or name)
+    warnings.warn(f"{name} was deployed before this script: its SQL function is registered", ScriptWarning,
+                  stacklevel=3)
+    return True
 
 
 def _other(session: ScriptSession, stmt: p.Other) -> StatementResult:
