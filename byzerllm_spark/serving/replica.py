@@ -133,35 +133,94 @@ class ModelWorker:
     @contextlib.asynccontextmanager
     async def _busy(self, rows: int):
         """Takes one of the worker's slots (waiting for one) and counts the request in flight for
-        ``stat()`` while the block runs, and ``rows`` answered after."""
-        async with self._slots:
-            self._in_flight += 1
-            self._report()
-            try:
-                yield
-            finally:
-                self._in_flight -= 1
-                self._total += rows
-                self._last_work = time.time()
-                self._report()
+        ``stat()`` while the block runs, and ``rows`` answered after, unless the caller went away
+        (Serve cancelled the request, or a stream was closed before its end): those rows were
+        answered to nobody, so ``total_requests`` does not count them.
 
-    async def _until_done(self, make):
+        The block may hand the slot to the engine's task (``slot.engine``, see :meth:`_until_done`
+        and :meth:`_stream`): when the caller goes away while that task still runs, the slot is
+        freed when the task ends, not here. Nothing here awaits after a cancellation: inside a
+        cancelled anyio scope (Starlette's streaming response, when its client disconnects) every
+        await is cancelled again at once, so a wait here would free the slot while the engine works.
+        """
+        await self._slots.acquire()
+        self._in_flight += 1
+        self._report()
+        slot = _Slot()
+        gone = False
+        try:
+            yield slot
+        except (asyncio.CancelledError, GeneratorExit):
+            gone = True
+            raise
+        finally:
+            engine = slot.engine
+            if gone and engine is not None and not engine.done():
+                engine.add_done_callback(lambda _: self._free(rows, answered=False))
+            else:
+                self._free(rows, answered=not gone)
+
+    def _free(self, rows: int, answered: bool) -> None:
+        """Gives a slot of :meth:`_busy` back, counting ``rows`` answered if they were."""
+        self._in_flight -= 1
+        if answered:
+            self._total += rows
+        self._last_work = time.time()
+        self._slots.release()
+        self._report()
+
+    async def _until_done(self, make, slot: "_Slot"):
         """Await the engine's work ``make()`` with a stop signal (``backends.base.STOP``). When the caller
-        goes away (Serve cancels this request), the engine is told to stop and this waits until it has,
-        so the slot stays taken and ``stat()`` shows the worker busy exactly as long as it works."""
+        goes away (Serve cancels this request), the engine is told to stop and keeps the slot until it
+        has (``slot.engine``), so ``stat()`` shows the worker busy exactly as long as it works."""
         stop = threading.Event()
         token = STOP.set(stop)
         try:
             task = asyncio.ensure_future(make())  # the task (and its threads) see this request's STOP
         finally:
             STOP.reset(token)
+        slot.engine = task
+        task.add_done_callback(_retrieve)
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
             stop.set()
-            with contextlib.suppress(BaseException):
-                await task
             raise
+
+    def _stream(self, request, slot: "_Slot"):
+        """The engine's stream of ``request`` driven by a task of its own, the slot's engine: items come
+        through a queue (one ahead, as the engine is pulled). The consumer going away cancels that task
+        once; the engine's generator then closes in it (each backend stops in its own ``finally``),
+        and the slot is freed when it has (see :meth:`_busy`)."""
+        queue: asyncio.Queue = asyncio.Queue(maxsize=1)
+
+        async def produce() -> None:
+            pieces = self.backend.stream_chat(request)
+            try:
+                async for piece in pieces:
+                    await queue.put(piece)
+                await queue.put(_END)
+            except Exception as exc:  # the consumer reports it
+                await queue.put(exc)
+            finally:
+                await pieces.aclose()
+
+        slot.engine = task = asyncio.ensure_future(produce())
+        task.add_done_callback(_retrieve)
+
+        async def items():
+            try:
+                while True:
+                    item = await queue.get()
+                    if item is _END:
+                        break
+                    if isinstance(item, Exception):
+                        raise item
+                    yield item
+            finally:
+                task.cancel()  # a no-op once it ended; no await: see _busy
+
+        return items()
 
     def _context_error(self, request) -> str | None:
         """Why ``request`` asks for more tokens than the model's context holds, or None."""
@@ -201,10 +260,10 @@ class ModelWorker:
                 results[i] = ChatResult(error=str(exc))
             except Exception as exc:  # any other malformed row (too deep, too big): that row's error alone
                 results[i] = ChatResult(error=_malformed(exc))
-        async with self._busy(len(params)):
+        async with self._busy(len(params)) as slot:
             if todo:
                 try:
-                    answers = await self._until_done(lambda: self.backend.chat_batch(todo))
+                    answers = await self._until_done(lambda: self.backend.chat_batch(todo), slot)
                 except Exception as exc:  # the engine failed the whole batch: each row says why
                     logger.exception("backend %s failed a batch of %d", self.backend.name, len(todo))
                     answers = [ChatResult(error=f"{type(exc).__name__}: {exc}")] * len(todo)
@@ -237,8 +296,11 @@ class ModelWorker:
             yield {"error": too_long, "status": 400}
             return
         metadata: dict[str, str] = {}
-        async with self._busy(1):
-            pieces = self.backend.stream_chat(request)
+        last: dict[str, Any] = {"metadata": metadata}
+        async with self._busy(1) as slot:
+            # A caller that went away closes this generator: the engine's stream stops in its own task,
+            # which holds the slot (stat busy) until it has.
+            pieces = self._stream(request, slot)
             try:
                 async for piece in pieces:
                     if isinstance(piece, ChatResult):  # a backend's closing item: usage and finish reason
@@ -246,13 +308,13 @@ class ModelWorker:
                     elif piece:
                         yield {"text": str(piece)}
                 self._count_usage(metadata)
-                yield {"metadata": metadata}
             except Exception as exc:  # the caller gets the error as an item; the replica goes on
-                yield _error_item(exc)
+                last = _error_item(exc)
             finally:
-                # A caller that went away closes this generator: close the engine's too, here, so it
-                # stops (each backend's own finally) while the slot is still counted busy.
-                await asyncio.shield(pieces.aclose())
+                await pieces.aclose()  # the consumer side: no engine work is awaited here
+        # The answer is complete (the request counted answered) before its last item goes out: a
+        # consumer that stops once it has the metadata or the error is no caller that went away.
+        yield last
 
     async def embed_rows(self, texts: list[str]) -> dict[str, Any]:
         """Handle method: ``{"embeddings": [...]}`` or ``{"error": message, "status": code}``."""
@@ -262,9 +324,9 @@ class ModelWorker:
                 "embedding model (infer_backend='embedding', or saas.embedding=true)",
                 "status": 400,
             }
-        async with self._busy(len(texts)):
+        async with self._busy(len(texts)) as slot:
             try:
-                return {"embeddings": await self._until_done(lambda: self.backend.embed_batch(list(texts)))}
+                return {"embeddings": await self._until_done(lambda: self.backend.embed_batch(list(texts)), slot)}
             except Exception as exc:
                 return _error_item(exc)
 
@@ -382,10 +444,10 @@ class ModelWorker:
             texts.append(text if isinstance(text, str) else row)  # a JSON row without text: embed it as sent
             idx.append(i)
         vectors: list = [None] * len(rows)
-        async with self._busy(len(rows)):
+        async with self._busy(len(rows)) as slot:
             try:
                 if texts:
-                    for i, vec in zip(idx, await self._until_done(lambda: self.backend.embed_batch(texts))):
+                    for i, vec in zip(idx, await self._until_done(lambda: self.backend.embed_batch(texts), slot)):
                         vectors[i] = vec
             except Exception as exc:
                 for i in idx:
@@ -397,6 +459,26 @@ class ModelWorker:
             self.backend.close()
         except Exception:
             pass
+
+
+class _Slot:
+    """One taken worker slot (:meth:`ModelWorker._busy`): ``engine`` is the task whose end frees it
+    when its caller went away first."""
+
+    __slots__ = ("engine",)
+
+    def __init__(self) -> None:
+        self.engine: asyncio.Future | None = None
+
+
+#: The end of an engine stream in :meth:`ModelWorker._stream`'s queue.
+_END = object()
+
+
+def _retrieve(task: asyncio.Future) -> None:
+    """An engine task's outcome, read so that one nobody awaited (its caller went away) logs nothing."""
+    if not task.cancelled():
+        task.exception()
 
 
 async def _read_body(request):
