@@ -336,3 +336,16 @@ def test_rows_of_a_select_survive_removing_its_model_and_earlier_deployments_are
             run_script("select nosuch(1) as a as t;", spark=spark)
     finally:
         bls.undeploy("earlier")
+
+
+def test_secrets_in_a_script_never_reach_reprs_or_errors():
+    script = ('run command as LLM.`` where pretrainedModelType="sft/x" and `saas.api_key`="sk-SECRET-1" '
+              "and apiKey='sk-SECRET-2' and bad=\"1\";")
+    (statement,) = parse(script)
+    assert "SECRET" not in repr(statement)
+    with pytest.raises(ScriptError) as info:
+        ScriptSession(spark=object()).run(script)
+    assert "SECRET" not in str(info.value) and "saas.api_key`=\"*" in str(info.value)
+    with pytest.raises(ScriptSyntaxError) as info:
+        parse('run command as LLM.`` where apiKey="sk-SECRET-3" and = ;')
+    assert "SECRET" not in str(info.value)

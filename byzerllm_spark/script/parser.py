@@ -28,18 +28,21 @@ class ScriptSyntaxError(ConfigError):
 
     def __init__(self, message: str, *, line: int, column: int, source: str) -> None:
         lines = source.splitlines() or [""]
-        shown = lines[line - 1] if 0 < line <= len(lines) else ""
+        shown = redact_text(lines[line - 1]) if 0 < line <= len(lines) else ""
         super().__init__(f"line {line}, column {column}: {message}\n    {shown}\n    {' ' * (column - 1)}^")
         self.line, self.column = line, column
 
 
 @dataclass(frozen=True)
 class Statement:
-    """One statement: where it starts (1-based line and column) and its source text."""
+    """One statement: where it starts (1-based line and column) and its source text.
+
+    Reprs never show the text or parameter values that may hold secrets (``apiKey``, ``saas.api_key``).
+    """
 
     line: int
     column: int
-    text: str
+    text: str = field(repr=False)
 
     @property
     def kind(self) -> str:
@@ -60,7 +63,7 @@ class Run(Statement):
     table: str = ""
     module: str = ""
     path: str = ""
-    params: dict[str, str] = field(default_factory=dict)
+    params: dict[str, str] = field(default_factory=dict, repr=False)
     output: str | None = None
 
 
@@ -70,7 +73,7 @@ class Load(Statement):
 
     format: str = ""
     path: str = ""
-    params: dict[str, str] = field(default_factory=dict)
+    params: dict[str, str] = field(default_factory=dict, repr=False)
     table: str = ""
 
 
@@ -82,7 +85,7 @@ class Save(Statement):
     table: str = ""
     format: str = ""
     path: str = ""
-    params: dict[str, str] = field(default_factory=dict)
+    params: dict[str, str] = field(default_factory=dict, repr=False)
 
 
 @dataclass(frozen=True)
@@ -90,8 +93,8 @@ class Set(Statement):
     """``set <name>=<value> [where type="text"]``."""
 
     name: str = ""
-    value: str = ""
-    params: dict[str, str] = field(default_factory=dict)
+    value: str = field(default="", repr=False)
+    params: dict[str, str] = field(default_factory=dict, repr=False)
 
 
 @dataclass(frozen=True)
@@ -193,6 +196,17 @@ def _statement_start_inside(text: str, pos: int) -> tuple[int, int, str] | None:
     at = match.start(1)
     line = text.count("\n", 0, at) + 1
     return line, at - text.rfind("\n", 0, at), match.group(1)
+
+
+_SECRET_VALUE = re.compile(
+    r"""((?:api_?key|api_secret|secret_key|token|password)`?\s*=\s*)('{3}.*?'{3}|"[^"]*"|'[^']*'|[^\s;]+)""",
+    re.IGNORECASE | re.DOTALL,
+)
+
+
+def redact_text(text: str) -> str:
+    """Statement text safe to show: the values of secret keys (``apiKey="..."``) replaced by ``******``."""
+    return _SECRET_VALUE.sub(lambda m: m.group(1) + '"******"', text)
 
 
 def _unexpected(exc: Any) -> str:

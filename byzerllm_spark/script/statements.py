@@ -219,7 +219,7 @@ class ScriptSession:
 
 
 def _failed(exc: Exception, number: int, statement: p.Statement, done: ScriptResult) -> ScriptError:
-    first = statement.text.strip().splitlines()[0] if statement.text.strip() else ""
+    first = p.redact_text(statement.text.strip().splitlines()[0]) if statement.text.strip() else ""
     if len(first) > 80:
         first = first[:77] + "..."
     reason = str(exc)
