@@ -41,16 +41,23 @@ def chat(model: str, instruction: str | None = None, *, endpoint: str | None = N
         retry_seconds: how long to keep retrying connection errors and 5xx (a Serve proxy or worker
             that restarts); default ``$BYZERLLM_RETRY_SECONDS``, else 60.
         **params: the ``llm_param`` keys: ``temperature``, ``max_length``, ``top_p``,
-            ``system_msg``, ``history``, ``user_role``, ``assistant_role``, ``messages``, and
-            ``generation_<name>`` (or ``**{"generation.<name>": v}``) for model-specific values.
+            ``system_msg``, ``history``, ``user_role``, ``assistant_role``, ``messages``,
+            ``response_format`` (OpenAI's shape, a dict or JSON text: ``{"type": "json_object"}`` or
+            ``{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}``; the answer is then
+            JSON text matching it), and ``generation_<name>`` (or ``**{"generation.<name>": v}``) for
+            model-specific values.
 
     Raises:
         ModelNotFoundError: the model is not deployed (lists the deployed ones).
-        RequestError: the model answered with an error (the message says why).
+        RequestError: the model answered with an error (the message says why), a malformed
+            ``response_format``, or an answer that does not match it.
 
     Example:
         >>> bls.chat("chat", "What is the capital of France?", temperature=0, max_length=32)  # doctest: +SKIP
         'The capital of France is Paris.'
+        >>> bls.chat("chat", "Sentiment of 'I love it'", response_format={"type": "json_schema",
+        ...          "json_schema": {"name": "label", "schema": {"enum": ["positive", "negative"]}}})  # doctest: +SKIP
+        '"positive"'
     """
     (result,) = chat_batch(model, [build_params(instruction, **params)], endpoint=endpoint, raise_on_error=True,
                            retry_seconds=retry_seconds)

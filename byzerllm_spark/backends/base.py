@@ -42,6 +42,21 @@ class ChatResult:
     metadata: dict[str, str] = field(default_factory=dict)
 
 
+def check_structured(request: "ChatRequest", result: ChatResult) -> ChatResult:
+    """``result`` checked against the request's ``response_format`` (whatever engine answered): an answer
+    that is not JSON or does not match the schema becomes that row's error, its raw text kept as the
+    response, so a caller never takes it for a valid value."""
+    fmt = request.response_format
+    if fmt is None or result.error is not None:
+        return result
+    why = fmt.check(result.response)
+    if why is None:
+        return result
+    if result.metadata.get("finish_reason") == "length":
+        why += f"; it was cut at max_length={request.max_length} tokens: raise max_length"
+    return ChatResult(response=result.response, error=why, metadata={**result.metadata, "http_status": "502"})
+
+
 class Backend(abc.ABC):
     """One loaded model inside one worker (Serve replica).
 

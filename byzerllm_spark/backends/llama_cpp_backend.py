@@ -3,6 +3,9 @@
 Plain ``infer_params`` keys are llama.cpp's own ``Llama(...)`` arguments, as Byzer-LLM's deploy docs
 give them (``n_gpu_layers``, ``verbose``, ``n_ctx``...); ``backend.*`` keys are accepted too. Unknown
 keys are refused on the driver at ``deploy()``, before any worker starts.
+
+A request's ``response_format`` becomes llama.cpp's JSON-schema grammar (``response_format={"type":
+"json_object", "schema": ...}`` of ``create_chat_completion``), so decoding can only produce a valid answer.
 """
 
 from __future__ import annotations
@@ -85,6 +88,8 @@ class LlamaCppBackend(Backend):
         for key, value in req.generation.items():
             if key in self._gen_keys:
                 kwargs[key] = value
+        if req.response_format is not None:  # llama.cpp compiles the schema into a GBNF grammar
+            kwargs["response_format"] = {"type": "json_object", "schema": req.response_format.schema}
         return kwargs
 
     def _answer(self, req) -> ChatResult:

@@ -6,6 +6,10 @@ the model. As in Byzer-LLM, ``model_dir`` is the model directory the deployment 
 (``model_path`` / ``localModelDir``, or a materialised model table), None when it names none;
 ``infer_params`` is the deployment's whole string map; ``sys_conf`` is its ``sys_conf``. Byzer-LLM plugins return ``[(text, meta)]``; this adapter also accepts a plain string,
 ``(text, meta)``, or a generator of text pieces (streamed).
+
+A request with a ``response_format`` reaches ``stream_chat`` with ``response_format`` (OpenAI's shape)
+and ``json_schema`` (the schema) keyword arguments; whatever the plugin answers is checked against the
+schema by the worker, so a plugin that cannot constrain its output still never returns a wrong value.
 """
 
 from __future__ import annotations
@@ -69,7 +73,7 @@ class PluginBackend(Backend):
 
     def _kwargs(self, request) -> dict[str, Any]:
         if not request.generation and request.system_msg is None and request.user_role is None and (
-            request.assistant_role is None and request.top_k is None
+            request.assistant_role is None and request.top_k is None and request.response_format is None
         ):
             return {}
         kwargs: dict[str, Any] = dict(request.generation)
@@ -77,6 +81,9 @@ class PluginBackend(Backend):
             value = getattr(request, key)
             if value is not None:
                 kwargs[key] = value
+        if request.response_format is not None:  # a plugin that can constrain uses them; its answer is checked
+            kwargs["response_format"] = request.response_format.openai()
+            kwargs["json_schema"] = request.response_format.schema
         return kwargs
 
     def _run_rows(self, requests) -> list[ChatResult]:

@@ -8,7 +8,8 @@ through ``saas.base_url`` (ollama, vLLM, another byzerllm-spark endpoint's ``/v1
 ``infer_params`` keys (all ``saas.``-prefixed, see :data:`SAAS_KEYS`): ``api_key``, ``model``,
 ``base_url``, ``qps`` (upstream requests per second per worker), ``max_retries``, ``timeout``,
 ``backoff``, ``max_backoff``, ``embedding``, ``headers``. Any ``generation.<name>`` key of a request
-goes into the upstream request body as ``<name>`` (``generation.seed``, ``generation.stop``...).
+goes into the upstream request body as ``<name>`` (``generation.seed``, ``generation.stop``...). A
+request's ``response_format`` goes upstream in OpenAI's shape; the worker checks the answer against it.
 
 Each worker sends at most ``worker_concurrency`` upstream requests at once (one by default, as in
 Byzer-LLM: a SaaS worker takes one request at a time), spaced by ``saas.qps``. 408, 429 and 5xx
@@ -347,6 +348,8 @@ class SaasBackend(Backend):
         for key, value in req.generation.items():
             if key not in ("model", "messages", "stream"):
                 body[key] = value
+        if req.response_format is not None:  # the vendor constrains; the worker checks the answer
+            body["response_format"] = req.response_format.openai()
         return body
 
     async def _chat_one(self, req) -> ChatResult:

@@ -7,6 +7,14 @@ loaded from that safetensors copy afterwards. ``backend.*`` keys go to ``from_pr
 ``backend.torch_dtype=bfloat16``; the names of :data:`LOAD_KEYS`, checked at deploy), except
 ``backend.max_batch_size`` (rows per ``generate`` call, default 8). Streaming sends tokens as
 ``generate`` makes them (``TextIteratorStreamer``).
+
+A request's ``response_format`` (a JSON schema) constrains decoding through llguidance: a logits
+processor masks, at every step, the tokens that cannot continue a valid answer, so the answer always
+parses. Why llguidance: measured here (2026-11-30, SmolLM2's 49k-token vocabulary, a two-field object
+schema, one CPU core), llguidance 1.9 compiles the schema in 0.4 ms and computes a step's mask in
+26 us; outlines-core 0.2 took 19.5 ms and 120 us (and needs its vocabulary built by hand without the
+Hugging Face hub); lm-format-enforcer 0.11 does not import with transformers 5; xgrammar 0.2 pulls in
+triton (a GPU compiler) on a CPU machine.
 """
 
 from __future__ import annotations
@@ -65,6 +73,51 @@ class _Cancelled:
         return self.torch.full((input_ids.shape[0],), self.event.is_set(), dtype=self.torch.bool, device=input_ids.device)
 
 
+class _Grammar:
+    """A ``generate`` logits processor: each row with a ``response_format`` gets an llguidance matcher; at
+    every step the tokens its grammar forbids get -inf, and the token chosen is fed back to it. A row whose
+    matcher is done (or broken) may only end. Rows without a format are left alone."""
+
+    def __init__(self, matchers: list, eos: int, torch) -> None:
+        self.matchers, self.eos, self.torch = matchers, eos, torch
+        self.rows = [i for i, m in enumerate(matchers) if m is not None]
+        self.started = False
+
+    def __call__(self, input_ids, scores):
+        import numpy as np
+
+        torch = self.torch
+        for i in self.rows:
+            matcher = self.matchers[i]
+            if self.started and not matcher.is_stopped():
+                matcher.consume_token(int(input_ids[i, -1]))
+            row = scores[i]
+            if matcher.is_stopped() or matcher.is_error():
+                keep = torch.zeros(row.shape[0], dtype=torch.bool)
+                keep[self.eos] = True
+            else:
+                bits = np.unpackbits(np.frombuffer(matcher.compute_bitmask(), np.uint8), bitorder="little")
+                allowed = np.zeros(row.shape[0], dtype=bool)
+                n = min(len(bits), row.shape[0])
+                allowed[:n] = bits[:n]
+                keep = torch.from_numpy(allowed)
+            row.masked_fill_(~keep.to(row.device), float("-inf"))
+        self.started = True
+        return scores
+
+
+def _import_llguidance():
+    try:
+        import llguidance
+        import llguidance.hf
+    except ImportError as exc:
+        raise ImportError(
+            "response_format on infer_backend='transformers' needs llguidance: pip install "
+            f"'byzerllm-spark[transformers]' ({exc})"
+        ) from None
+    return llguidance
+
+
 class TransformersBackend(Backend):
     name = "transformers"
 
@@ -116,6 +169,8 @@ class TransformersBackend(Backend):
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self._lock = threading.Lock()
+        self._ll_tokenizer = None  # llguidance's view of the tokenizer: built on the first response_format
+        self._grammars: dict[str, str] = {}
         context = getattr(self.model.config, "max_position_embeddings", None)
         self.context_length = int(context) if context else None
 
@@ -161,6 +216,37 @@ class TransformersBackend(Backend):
                 kwargs[key] = value
         return kwargs
 
+    def _grammar(self, reqs) -> "_Grammar | None":
+        """The logits processor of a group's response formats, or None when no row has one."""
+        if all(r.response_format is None for r in reqs):
+            return None
+        llguidance = _import_llguidance()
+        if self._ll_tokenizer is None:
+            self._ll_tokenizer = llguidance.hf.from_tokenizer(self.tokenizer)  # ~0.5 s, once per worker
+        matchers = []
+        for req in reqs:
+            fmt = req.response_format
+            if fmt is None:
+                matchers.append(None)
+                continue
+            grammar = self._grammars.get(fmt.key)
+            if grammar is None:
+                # Compact JSON: a small model given free whitespace may spend its tokens on newlines.
+                grammar = llguidance.LLMatcher.grammar_from_json_schema(
+                    fmt.schema, overrides={"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "})
+                self._grammars[fmt.key] = grammar
+            matcher = llguidance.LLMatcher(self._ll_tokenizer, grammar, log_level=0)
+            if matcher.is_error():
+                raise ValueError(f"response_format: llguidance cannot use this schema: {matcher.get_error()}")
+            matchers.append(matcher)
+        return _Grammar(matchers, self.tokenizer.eos_token_id, self.torch)
+
+    def _processors(self, reqs) -> dict[str, Any]:
+        grammar = self._grammar(reqs)
+        if grammar is None:
+            return {}
+        return {"logits_processor": self.transformers.LogitsProcessorList([grammar])}
+
     def _result(self, new_tokens: list[int], prompt_tokens: int, max_length: int) -> ChatResult:
         """One answer from its generated token ids: cut at end-of-sequence, decoded, with usage."""
         new_tokens = new_tokens[:max_length]
@@ -182,6 +268,7 @@ class TransformersBackend(Backend):
         prompts = [self.prompt(r) for r in reqs]
         enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
         kwargs = self._generate_kwargs(reqs)
+        kwargs.update(self._processors(reqs))
         if stop is not None:  # a caller that went away stops the generation at its next token
             kwargs["stopping_criteria"] = self.transformers.StoppingCriteriaList([_Cancelled(stop, self.torch)])
         with self.torch.inference_mode():
@@ -234,6 +321,7 @@ class TransformersBackend(Backend):
             try:
                 with self._lock, self.torch.inference_mode():
                     kwargs = self._generate_kwargs([request])
+                    kwargs.update(self._processors([request]))
                     stop = transformers.StoppingCriteriaList([_Cancelled(cancelled, self.torch)])
                     outcome["output"] = self.model.generate(**enc, **kwargs, streamer=streamer, stopping_criteria=stop)
             except BaseException as exc:  # handed to the caller below

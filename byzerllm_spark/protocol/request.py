@@ -16,6 +16,7 @@ from typing import Any, Mapping
 import orjson
 
 from ..errors import RequestParseError, bad_value
+from .structured import ResponseFormat, parse_response_format
 
 DEFAULT_MAX_LENGTH = 1024
 DEFAULT_TOP_P = 0.95
@@ -35,6 +36,7 @@ REQUEST_KEYS = (
     "temperature",
     "messages",
     "request_id",
+    "response_format",
 )
 _REQUEST_KEY_SET = frozenset(REQUEST_KEYS)
 
@@ -45,7 +47,8 @@ class ChatRequest:
 
     ``max_length`` is the most new tokens to generate (Byzer's name for it). ``generation`` holds
     the ``generation.*`` keys with the prefix stripped: they reach a plugin's ``stream_chat`` as
-    keyword arguments (``generation.image`` arrives as ``image``).
+    keyword arguments (``generation.image`` arrives as ``image``). ``response_format`` is the parsed
+    structured-output request (:mod:`.structured`), None for plain text.
     """
 
     instruction: str
@@ -58,6 +61,7 @@ class ChatRequest:
     temperature: float = DEFAULT_TEMPERATURE
     top_k: int | None = None
     generation: dict = field(default_factory=dict)
+    response_format: ResponseFormat | None = None
 
     def sampling(self) -> dict[str, Any]:
         """OpenAI-style sampling arguments (``max_tokens``, ``temperature``, ``top_p``, ``top_k``)."""
@@ -229,6 +233,10 @@ def parse_request(params: Any, defaults: Mapping[str, Any] | None = None) -> Cha
                 setter(request, value)
     if values.get("max_tokens") is not None:  # the OpenAI name wins over Byzer's max_length
         request.max_length = _number("max_tokens", values["max_tokens"], int, 1, None)
+    if generation and "response_format" in generation:  # generation.response_format: the same request
+        value = generation.pop("response_format")
+        if request.response_format is None:
+            request.response_format = parse_response_format(value)
     return request
 
 
@@ -239,6 +247,7 @@ _SETTERS = {
     "top_p": lambda r, v: setattr(r, "top_p", _number("top_p", v, float, 0.0, 1.0)),
     "temperature": lambda r, v: setattr(r, "temperature", _number("temperature", v, float, 0.0, 2.0)),
     "top_k": lambda r, v: setattr(r, "top_k", _number("top_k", v, int, 1, None)),
+    "response_format": lambda r, v: setattr(r, "response_format", parse_response_format(v)),
 }
 """Per-key conversions of the optional request fields (``system_msg`` and ``max_tokens`` are
 handled in :func:`parse_request`: they combine with other keys)."""

@@ -9,7 +9,9 @@ cluster (``ensure_openai_app``).
 
 OpenAI fields map to ``llm_param`` keys: ``messages``, ``temperature``, ``top_p``, ``max_tokens``
 (or ``max_completion_tokens``), ``top_k``; ``seed``, ``stop``, ``presence_penalty``,
-``frequency_penalty``, ``response_format`` and ``logit_bias`` travel as ``generation.<name>``. A
+``frequency_penalty`` and ``logit_bias`` travel as ``generation.<name>``. ``response_format``
+(``json_object``, or ``json_schema`` with a schema, OpenAI's shape) is the request's structured output:
+the engine constrains its decoding and the worker checks the answer; a malformed one is a 400. A
 prompt of ``/v1/completions`` is answered as one user turn. Not supported (400): ``n`` > 1, tools.
 """
 
@@ -34,7 +36,7 @@ logger = logging.getLogger("byzerllm_spark.openai")
 
 INGRESS_NAME = "OpenAIIngress"
 #: OpenAI request fields passed to the model as ``generation.<name>``.
-PASSTHROUGH = ("seed", "stop", "presence_penalty", "frequency_penalty", "response_format", "logit_bias")
+PASSTHROUGH = ("seed", "stop", "presence_penalty", "frequency_penalty", "logit_bias")
 _IGNORED = {"model", "messages", "prompt", "stream", "stream_options", "n", "user", "temperature", "top_p",
             "max_tokens", "max_completion_tokens", "top_k", "echo", "suffix", "best_of", "logprobs",
             "store", "metadata", "parallel_tool_calls", "service_tier"}
@@ -92,6 +94,8 @@ def _common_params(body: dict[str, Any], params: dict[str, Any]) -> None:
     for key in PASSTHROUGH:
         if body.get(key) is not None:
             params[f"generation.{key}"] = body[key]
+    if body.get("response_format") is not None:
+        params["response_format"] = body["response_format"]
 
 
 def chat_params(body: dict[str, Any]) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from typing import Any
 
 from ..auth import authorized, stored_digest, unauthorized_response
 from ..backends import registry
-from ..backends.base import STOP, ChatResult
+from ..backends.base import STOP, ChatResult, check_structured
 from ..errors import RequestParseError, answer_status
 from ..protocol import arrow, sse
 from ..protocol.request import parse_request
@@ -267,8 +267,8 @@ class ModelWorker:
                 except Exception as exc:  # the engine failed the whole batch: each row says why
                     logger.exception("backend %s failed a batch of %d", self.backend.name, len(todo))
                     answers = [ChatResult(error=f"{type(exc).__name__}: {exc}")] * len(todo)
-                for i, answer in zip(todo_idx, answers):
-                    results[i] = answer
+                for i, request, answer in zip(todo_idx, todo, answers):
+                    results[i] = answer = check_structured(request, answer)
                     self._count_usage(answer.metadata)
             return results
 

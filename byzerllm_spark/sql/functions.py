@@ -181,6 +181,7 @@ def model_function(
     timeout: float = 600.0,
     max_retries: int | None = None,
     retry_seconds: float | None = None,
+    return_type: Any = None,
 ):
     """The Spark function that calls a deployed model (DataFrame API).
 
@@ -199,16 +200,27 @@ def model_function(
             after its first failure; default ``$BYZERLLM_RETRY_SECONDS`` on the driver, else 60, which
             outlasts a Serve proxy restart.
         max_retries: also caps the number of retries; default None (only ``retry_seconds``).
+        return_type: structured output into a typed column. A Spark DDL type (``"struct<city:string,
+            year:int>"``, ``"string"``, ``"array<string>"``...), a ``pyspark.sql.types.DataType``, or a JSON
+            schema (dict or JSON text; ``{"enum": [...]}`` for labels). Each row asks the model for an
+            answer matching the JSON schema (``response_format``; the engine constrains its decoding to it)
+            and the function returns the parsed value with that Spark type. With ``fail_on_error=False``
+            the result is ``struct<response: string (the raw answer), error, metadata, value: <type>>``: a
+            row that does not parse has its error and raw text, and a null value. Default None: text.
 
     Returns:
         An Arrow UDF taking the ``llm_param`` JSON column. Embedding models return ``array<float>``.
 
     Raises:
         ModelNotFoundError: the model is not deployed (lists the deployed ones).
+        ConfigError: a ``return_type`` that is no Spark type or JSON schema this can map, or one given for an
+            embedding model.
 
     Example:
         >>> chat = model_function("chat_model")  # doctest: +SKIP
         >>> df.withColumn("a", chat(llm_param({"instruction": F.col("q")})))  # doctest: +SKIP
+        >>> extract = model_function("chat_model", return_type="struct<city:string, year:int>")  # doctest: +SKIP
+        >>> df.select(extract(llm_param({"instruction": F.col("q")})).alias("r")).select("r.city")  # doctest: +SKIP
     """
     from pyspark.sql.functions import arrow_udf
 
@@ -238,15 +250,28 @@ def model_function(
         stats=_stats_accumulator(),
     )
     if info.get("embedding"):
+        if return_type is not None:
+            raise ConfigError(bad_value("return_type", return_type, f"model {model!r} computes embeddings "
+                                        "(array<float>): leave return_type out, or call a chat model"))
+
         def embed_fn(batches):
             return run_embeddings(batches, **options)
 
         return arrow_udf(_arrow_iterator_hints(embed_fn), EMBEDDING_TYPE_DDL)
 
+    result_type: Any = "string" if fail_on_error else RESULT_TYPE_DDL
+    if return_type is not None:
+        from ._structured import parse_return_type, result_struct
+
+        value_type, schema = parse_return_type(return_type)
+        response_format = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
+        options["structured"] = (json.dumps(response_format, separators=(",", ":")), value_type)
+        result_type = value_type if fail_on_error else result_struct(value_type)
+
     def chat_fn(batches):
         return run_requests(batches, **options)
 
-    return arrow_udf(_arrow_iterator_hints(chat_fn), "string" if fail_on_error else RESULT_TYPE_DDL)
+    return arrow_udf(_arrow_iterator_hints(chat_fn), result_type)
 
 
 def _arrow_iterator_hints(fn):
@@ -276,6 +301,15 @@ def register_model_function(spark, model: str, *, udf_name: str | None = None, *
 
     Returns:
         The registered function name.
+
+    Raises:
+        ModelNotFoundError: the model is not deployed.
+        ConfigError: a bad option, e.g. a ``return_type`` that is no Spark DDL type or JSON schema.
+
+    Example:
+        >>> bls.register_model_function(spark, "chat", udf_name="extract",
+        ...                             return_type="struct<city:string, year:int>")  # doctest: +SKIP
+        >>> spark.sql("SELECT extract(llm_param(map('instruction', txt))) AS r FROM t").select("r.city")  # doctest: +SKIP
     """
     name = udf_name or model
     fn = model_function(model, **options)

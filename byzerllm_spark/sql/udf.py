@@ -123,15 +123,26 @@ def as_request_json(array):
 
 
 def run_requests(batches, *, model, endpoint, batch_size, concurrency, timeout, max_retries, fail_on_error,
-                 stats=None, retry_seconds=None):
+                 stats=None, retry_seconds=None, structured=None):
+    """``structured``: ``(response_format JSON, Spark type)`` of a typed model function (``return_type``):
+    each row asks for that format and its answer is returned as a value of that type."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
     from ..protocol import arrow
     from ..transport import last_retries, post_arrow
 
+    if structured is not None:
+        from pyspark.sql.pandas.types import to_arrow_type
+
+        from ._structured import add_response_format, typed_values
+
+        value_type = to_arrow_type(structured[1])
+
     def submit(chunk):
         chunk = as_request_json(chunk)
+        if structured is not None:
+            chunk = add_response_format(chunk, structured[0])
         body = arrow.encode_params(chunk)
         try:
             table = arrow.decode_results(
@@ -163,12 +174,35 @@ def run_requests(batches, *, model, endpoint, batch_size, concurrency, timeout, 
             )
         counts = (len(chunk), 1, len(errors) - errors.null_count, last_retries(),
                   *token_usage(table.column("metadata")))
+        if structured is not None:
+            return typed(table, chunk, counts)
         if fail_on_error:
             return table.column("response").combine_chunks(), counts
         fields = [table.column(name).combine_chunks() for name in ("response", "error", "metadata")]
         # A null row (null input, or a null instruction) comes back with all three fields null.
         mask = pc.and_(pc.and_(fields[0].is_null(), fields[1].is_null()), fields[2].is_null())
         return pa.StructArray.from_arrays(fields, names=["response", "error", "metadata"], mask=mask), counts
+
+    def typed(table, chunk, counts):
+        """The answers (JSON checked by the worker) as values of the declared type; a row that still does
+        not convert fails the query, or with fail_on_error=False gets its error beside its raw text."""
+        responses = table.column("response").combine_chunks()
+        errors = table.column("error").to_pylist()
+        texts = [None if e else r for r, e in zip(responses.to_pylist(), errors)]
+        values, bad = typed_values(texts, value_type)
+        if fail_on_error:
+            first = next((i for i, b in enumerate(bad) if b), None)
+            if first is not None:
+                raise RequestError(f"model {model!r} answered a row that is not a {structured[1].simpleString()} "
+                                   f"({bad[first]}); answer: {str(texts[first])[:300]}. Register the function "
+                                   "with fail_on_error=False to get per-row errors instead of failing the query.")
+            return values, counts
+        errors = [e or b for e, b in zip(errors, bad)]
+        metadata = table.column("metadata").combine_chunks()
+        fields = [responses, pa.array(errors, pa.string()), metadata, values]
+        mask = pc.and_(pc.and_(responses.is_null(), fields[1].is_null()), metadata.is_null())
+        return pa.StructArray.from_arrays(fields, names=["response", "error", "metadata", "value"], mask=mask), (
+            *counts[:2], counts[2] + sum(1 for b in bad if b), *counts[3:])
 
     yield from counted(windowed(batches, submit, concurrency, batch_size), stats, model)
 
