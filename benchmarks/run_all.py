@@ -41,6 +41,7 @@ BENCHES = {
     "saas": ["bench_saas.py"],
     "finetune": ["bench_finetune.py"],
     "model_table": ["bench_model_table.py"],
+    "cache": ["bench_cache.py"],
 }
 
 

@@ -19,6 +19,7 @@ _EXPORTS = {
     "cancel_job": "finetune",
     "chat": "api.chat",
     "chat_batch": "api.chat",
+    "clear_cache": "api.cache",
     "deploy": "api.deploy",
     "deploy_config": "api.deploy",
     "embed": "api.chat",

@@ -318,6 +318,95 @@ def _typed_or_coerced(key: str, rest: str, value: Any) -> tuple[str, Any]:
     return rest, coerce_value(value)
 
 
+#: ``cache=`` modes: ``deterministic`` caches requests whose answer is fixed (temperature 0, a
+#: ``generation.seed``, or ``generation.do_sample=false``); ``always`` caches every request.
+CACHE_MODES = ("deterministic", "always")
+#: Store URI schemes: Redis (or Valkey, or any server speaking its protocol) for a cluster, a
+#: directory (diskcache, SQLite-backed) for one node.
+CACHE_SCHEMES = ("redis://", "rediss://", "unix://", "diskcache://")
+_CACHE_FIX = ("pass True (answers of deterministic requests, kept on each worker's node), 'always' (every "
+              "request), a store URI ('redis://host:6379/0' for a cluster, 'diskcache:///abs/dir' for one "
+              "node), or {'store': uri, 'mode': 'always'}; False or None turns it off")
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """A response cache, parsed from ``deploy(cache=...)`` or ``register_model_function(cache=...)``.
+
+    Attributes:
+        mode: ``deterministic`` (default) or ``always`` (:data:`CACHE_MODES`).
+        store: a store URI (``redis://...``, ``rediss://...``, ``unix://...``, ``diskcache:///dir``),
+            or None: a diskcache folder on each worker's node (``<home>/response_cache``).
+    """
+
+    mode: str = "deterministic"
+    store: str | None = None
+
+    @classmethod
+    def parse(cls, value: Any, param: str = "cache") -> "CacheSpec | None":
+        """``value`` as a CacheSpec, or None when it turns the cache off.
+
+        Raises:
+            ConfigError: naming ``param``, the value (a store password shown as ``******``) and the fix.
+
+        Example:
+            >>> CacheSpec.parse("redis://cache.internal:6379/0")
+            CacheSpec(mode='deterministic', store='redis://cache.internal:6379/0')
+        """
+        if value is None or value is False:
+            return None
+        if value is True:
+            return cls()
+        if isinstance(value, CacheSpec):
+            return value
+        if isinstance(value, Mapping):
+            unknown = sorted(set(value) - {"store", "mode"})
+            if unknown:
+                raise ConfigError(f"{param} has no key {unknown[0]!r}: use 'store' and 'mode'; {_CACHE_FIX}")
+            mode = value.get("mode") or "deterministic"
+            if mode not in CACHE_MODES:
+                raise ConfigError(bad_value(f"{param}['mode']", mode, f"use one of {', '.join(CACHE_MODES)}"))
+            store = value.get("store")
+            return cls(mode=mode, store=None if store in (None, True) else cls._store(store, f"{param}['store']"))
+        if not isinstance(value, str):
+            raise ConfigError(bad_value(param, value, _CACHE_FIX))
+        text = value.strip()
+        low = text.lower()
+        if low in _FALSE or low in ("none", ""):
+            return None
+        if low in _TRUE:
+            return cls()
+        if low in CACHE_MODES:
+            return cls(mode=low)
+        return cls(store=cls._store(text, param))
+
+    @staticmethod
+    def _store(value: Any, param: str) -> str:
+        if not isinstance(value, str) or not value.strip():
+            raise ConfigError(bad_value(param, value, _CACHE_FIX))
+        text = value.strip()
+        if text.startswith("/"):
+            text = "diskcache://" + text
+        if not text.lower().startswith(CACHE_SCHEMES):
+            raise ConfigError(bad_value(param, redact_uri(text), _CACHE_FIX))
+        if text.lower().startswith("diskcache://") and not text[len("diskcache://"):].startswith("/"):
+            raise ConfigError(bad_value(param, text, "a diskcache store takes an absolute folder, "
+                                                     "e.g. 'diskcache:///var/cache/byzerllm'"))
+        return text
+
+    def header(self) -> str:
+        """This spec as the value of the Arrow route's cache header (``settings.CACHE_HEADER``)."""
+        return json.dumps({"mode": self.mode, "store": self.store})
+
+    def __repr__(self) -> str:
+        return f"CacheSpec(mode={self.mode!r}, store={redact_uri(self.store) if self.store else None!r})"
+
+
+def redact_uri(uri: str) -> str:
+    """``uri`` with the password of its ``user:password@`` part as ``******`` (store URIs in messages)."""
+    return re.sub(r"(//[^/@:]*:)[^@/]*@", lambda m: m.group(1) + REDACTED + "@", uri)
+
+
 @dataclass(frozen=True)
 class DeployConfig:
     """Everything a worker needs to build its backend. Pickled into each Serve replica."""
@@ -337,6 +426,8 @@ class DeployConfig:
     sys_conf: dict[str, Any] = field(default_factory=dict)
     local_path_prefix: str | None = None
     resources: dict[str, float] = field(default_factory=dict)
+    #: The response cache (``deploy(cache=...)``), None: off.
+    cache: CacheSpec | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not _MODEL_NAME.match(self.model):
@@ -378,7 +469,8 @@ class DeployConfig:
             f"model_table={self.model_table!r}, num_workers={self.num_workers}, "
             f"cpus_per_worker={self.cpus_per_worker}, gpus_per_worker={self.gpus_per_worker}, "
             f"worker_concurrency={self.worker_concurrency}, load_balance={self.load_balance!r}, "
-            f"infer_params={self.infer_params!r})"
+            f"infer_params={self.infer_params!r}"
+            + (f", cache={self.cache!r})" if self.cache else ")")
         )
 
 

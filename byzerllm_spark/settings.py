@@ -9,8 +9,8 @@ Environment variables (all optional):
 - ``BYZERLLM_AUTH_TOKEN``: the bearer token callers send (and ``init()`` uses when none is passed).
 - ``BYZERLLM_LOG_LEVEL``: ``WARNING`` by default; ``INFO`` or ``DEBUG`` bring back Ray's, Serve's
   and this library's logs.
-- ``BYZERLLM_WAREHOUSE``, ``BYZERLLM_MODEL_CACHE``, ``BYZERLLM_CACHE_DIR``: override single folders
-  below the home.
+- ``BYZERLLM_WAREHOUSE``, ``BYZERLLM_MODEL_CACHE``, ``BYZERLLM_CACHE_DIR``, ``BYZERLLM_RESPONSE_CACHE``:
+  override single folders below the home.
 """
 
 from __future__ import annotations
@@ -31,6 +31,9 @@ HOME_ENV = "BYZERLLM_HOME"
 WAREHOUSE_ENV = "BYZERLLM_WAREHOUSE"
 MODEL_CACHE_ENV = "BYZERLLM_MODEL_CACHE"
 CACHE_DIR_ENV = "BYZERLLM_CACHE_DIR"
+RESPONSE_CACHE_ENV = "BYZERLLM_RESPONSE_CACHE"
+#: HTTP header of the Arrow route: a model function's own ``cache=`` (``CacheSpec.header()``, or ``off``).
+CACHE_HEADER = "X-Byzerllm-Cache"
 #: Seconds a request to a model keeps retrying connection errors and 5xx after its first failure.
 RETRY_SECONDS_ENV = "BYZERLLM_RETRY_SECONDS"
 #: A Serve proxy killed by hand was back after 23-30 s (three kills, 2-core machine); 60 s outlasts
@@ -77,6 +80,12 @@ def model_cache_dir() -> str:
 def cache_dir() -> str:
     """Derived model files (dequantised GGUF, merged adapters): ``$BYZERLLM_CACHE_DIR`` or ``<home>/cache``."""
     return home_path("cache", env=CACHE_DIR_ENV)
+
+
+def response_cache_dir() -> str:
+    """The node's embedded response cache (``deploy(cache=True)``): ``$BYZERLLM_RESPONSE_CACHE`` or
+    ``<home>/response_cache``."""
+    return home_path("response_cache", env=RESPONSE_CACHE_ENV)
 
 
 def log_level() -> str:

@@ -8,6 +8,8 @@ The ``model`` of a request picks a behaviour, so one server serves every test:
 - ``busy-<n>``: the first ``n`` requests get 503 (no Retry-After: exponential backoff)
 - ``down``: always 503
 - ``leaky``: 401 whose body quotes the request's Authorization header (as some vendors do)
+- ``quota-<n>``: the first ``n`` requests answered, then 429 (``Retry-After: 0.2``) until a test sets
+  ``state["quota_open"] = True`` (a vendor's quota that runs out mid-job, then is raised)
 - anything else: answered after ``latency_ms``.
 
 Run as a script for benchmarks: ``python tests/_fake_openai.py --port 0 --latency-ms 50`` prints
@@ -27,7 +29,9 @@ from collections import Counter
 def make_app(latency_ms: float = 0.0):
     from aiohttp import web
 
-    state = {"counts": Counter(), "auth": [], "times": [], "bodies": []}
+    # answered: (model, last user message) -> how many 200 answers it got
+    state = {"counts": Counter(), "auth": [], "times": [], "bodies": [], "answered": Counter(),
+             "answered_by_model": Counter(), "quota_open": False}
 
     async def chat(request):
         body = await request.json()
@@ -42,6 +46,10 @@ def make_app(latency_ms: float = 0.0):
                                      status=429, headers={"Retry-After": "0.2"})
         if model.startswith("busy-") and n <= int(model.split("-")[1]) or model == "down":
             return web.json_response({"error": {"message": "overloaded"}}, status=503)
+        if (model.startswith("quota-") and not state["quota_open"]
+                and state["answered_by_model"][model] >= int(model.split("-")[1])):
+            return web.json_response({"error": {"message": "quota exceeded", "type": "rate_limit_error"}},
+                                     status=429, headers={"Retry-After": "0.2"})
         if model == "leaky":
             header = request.headers.get("Authorization", "")
             return web.json_response({"error": {"message": f"Incorrect API key provided: {header}"}}, status=401)
@@ -50,6 +58,8 @@ def make_app(latency_ms: float = 0.0):
         messages = body.get("messages") or []
         question = next((m["content"] for m in reversed(messages) if m.get("role") == "user"), "")
         answer = f"re: {question}"
+        state["answered"][(model, question)] += 1
+        state["answered_by_model"][model] += 1
         usage = {
             "prompt_tokens": sum(len(str(m.get("content", "")).split()) for m in messages),
             "completion_tokens": len(answer.split()),

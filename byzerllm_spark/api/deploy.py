@@ -12,7 +12,7 @@ import time
 from typing import Any, Mapping
 
 from .. import cluster
-from ..config import DeployConfig, InferParams, byzer_deploy_args
+from ..config import CacheSpec, DeployConfig, InferParams, byzer_deploy_args
 from ..errors import ConfigError, DeploymentError, ModelNotFoundError, ResourceError, not_deployed
 from ..serving import app as serve_app
 
@@ -45,6 +45,7 @@ def deploy(
     sys_conf: Mapping[str, Any] | None = None,
     local_path_prefix: str | None = None,
     resources: Mapping[str, float] | None = None,
+    cache: Any = None,
     **byzer_names: Any,
 ) -> DeployConfig:
     """Deploy a model as a Ray Serve application named ``model``.
@@ -73,6 +74,12 @@ def deploy(
         resources: custom Ray resources each worker needs, ``{"master": 0.01}`` (Byzer-LLM's
             ``!byzerllm setup "resource.master=0.01"``): pins workers to nodes started with that
             resource (``ray start --resources '{"master": 1}'``). Default None: none.
+        cache: the response cache (see ``serving/cache.py``); default None: off. ``True`` keeps the answers
+            of deterministic requests (temperature 0, a ``generation.seed``) in a diskcache folder on each
+            worker's node; ``"always"`` keeps every answer; a store URI picks the store:
+            ``"redis://host:6379/0"`` (a server every node reaches: use it on a cluster) or
+            ``"diskcache:///abs/dir"``; ``{"store": uri, "mode": "always"}`` both. A re-run query, a
+            Spark task retry, ``bls.chat`` and ``/v1`` then send upstream only what was not answered.
         **byzer_names: Byzer-LLM's names for the arguments above (``pretrainedModelType``,
             ``inferBackend``, ``modelPath`` / ``localModelDir``, ``modelTable``, ``udfName``,
             ``localPathPrefix``, ``modelWaitServerReadyTimeout``, ``reconnect``, ``maxConcurrency``,
@@ -82,7 +89,7 @@ def deploy(
         The parsed DeployConfig.
 
     Raises:
-        ConfigError: a parameter is malformed (named in the message).
+        ConfigError: a parameter is malformed (named in the message; ``cache=`` with the accepted forms).
         BackendNotFoundError: unknown model type or backend (lists the available ones).
         ResourceError: no node can ever satisfy the resources asked for.
         DeploymentError: the name is taken, loading failed, or ``wait_ready_timeout`` passed.
@@ -106,6 +113,7 @@ def deploy(
         infer_params=InferParams.parse(infer_params),
         sys_conf=dict(sys_conf or {}),
         resources=dict(resources or {}),
+        cache=CacheSpec.parse(args["cache"], "cache"),
         **{name: args[name] for name in _CONFIG_ARGS},
     )
     if not isinstance(wait_ready_timeout, (int, float)) or wait_ready_timeout <= 0:
@@ -333,7 +341,9 @@ def stat(model: str) -> dict[str, Any]:
         ``total_workers, busy_workers, idle_workers, load_balance_strategy, total_requests[],
         state[] (free slots per worker), worker_max_concurrency, workers_last_work_time[]``, then
         ``total_prompt_tokens`` and ``total_completion_tokens`` (summed over the live workers, as
-        the backends report them: transformers, llama.cpp and SaaS vendors do; plugins may).
+        the backends report them: transformers, llama.cpp and SaaS vendors do; plugins may), then,
+        where a response cache is in use (``cache=``), ``cache_hits`` (rows answered from it) and
+        ``cache_misses`` (rows the engine answered and the cache kept).
         ``total_requests`` counts requests (rows) answered by each worker.
 
     Raises:
@@ -343,6 +353,7 @@ def stat(model: str) -> dict[str, Any]:
     now = snap["now"]
     max_c = snap["max_concurrency"]
     busy = sum(1 for _, d in live if d["in_flight"] > 0)
+    cached = [(r, d) for r, d in live if "cache_hits" in d]
     return {
         "total_workers": len(live),
         "busy_workers": busy,
@@ -354,6 +365,8 @@ def stat(model: str) -> dict[str, Any]:
         "workers_last_work_time": [f"{max(0.0, now - d['last_work_time'])}s" for _, d in live],
         "total_prompt_tokens": sum(d.get("prompt_tokens", 0) for _, d in live),
         "total_completion_tokens": sum(d.get("completion_tokens", 0) for _, d in live),
+        **({"cache_hits": sum(d["cache_hits"] for _, d in cached), "cache_misses": sum(d["cache_misses"] for _, d in cached)}
+           if cached else {}),
     }
 
 

@@ -6,7 +6,7 @@ import abc
 import contextvars
 import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
 from ..errors import RequestError
 
@@ -31,6 +31,24 @@ def stop_requested() -> bool:
 def stop_event() -> threading.Event:
     """The current request's stop event (a fresh, never-set one outside a worker)."""
     return STOP.get() or threading.Event()
+
+
+#: Called by a backend as each row of a batch is answered (``(row index in the batch, result)``), where its
+#: rows finish one by one (SaaS calls): the worker's response cache keeps a row as soon as it is answered,
+#: so a batch that fails or is abandoned later has lost none of its answered rows. Optional for backends:
+#: the worker keeps every row the batch returns anyway.
+ANSWERED: contextvars.ContextVar[Callable[[int, Any], None] | None] = contextvars.ContextVar(
+    "byzerllm_answered", default=None)
+
+
+def row_answered(index: int, result: Any) -> None:
+    """Report row ``index`` of the batch being answered as done (see :data:`ANSWERED`); never raises."""
+    hook = ANSWERED.get()
+    if hook is not None:
+        try:
+            hook(index, result)
+        except Exception:  # a cache write must never fail the row
+            pass
 
 
 @dataclass(slots=True)

@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Mapping
 
 from ..config import REDACTED, parse_typed
 from ..errors import BackendNotFoundError, ConfigError, SaasError, bad_value
-from .base import Backend, ChatResult
+from .base import Backend, ChatResult, row_answered
 
 if TYPE_CHECKING:
     from ..config import DeployConfig
@@ -380,7 +380,12 @@ class SaasBackend(Backend):
         return ChatResult(response=str(text), metadata=meta)
 
     async def chat_batch(self, requests) -> list[ChatResult]:
-        return list(await asyncio.gather(*(self._chat_one(r) for r in requests)))
+        async def one(i: int, req) -> ChatResult:
+            result = await self._chat_one(req)
+            row_answered(i, result)  # the worker's response cache keeps it now, whatever the other rows do
+            return result
+
+        return list(await asyncio.gather(*(one(i, r) for i, r in enumerate(requests))))
 
     async def stream_chat(self, request) -> AsyncIterator[Any]:
         """Yield text pieces as the vendor sends them, then a ChatResult with the usage metadata."""

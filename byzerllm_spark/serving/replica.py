@@ -27,9 +27,10 @@ from typing import Any
 from ..auth import authorized, stored_digest, unauthorized_response
 from ..backends import registry
 from ..backends.base import STOP, ChatResult, check_structured
-from ..errors import RequestParseError, answer_status
+from ..errors import ConfigError, RequestParseError, answer_status
 from ..protocol import arrow, sse
 from ..protocol.request import parse_request
+from ..settings import CACHE_HEADER
 
 logger = logging.getLogger("byzerllm_spark.worker")
 
@@ -104,6 +105,10 @@ class ModelWorker:
         self._started = started
         self._last_work = time.time()
         self._load_seconds = time.time() - started
+        self._caches: dict = {}  # CacheSpec -> ResponseCache: the deployment's, and those functions ask for
+        self._identity: str | None = None
+        if getattr(config, "cache", None) is not None:
+            self._response_cache(config.cache)  # the model's checksum now, not on the first request
         self._report()
         logger.info("worker %s ready: %s in %.1fs", self.replica, self.backend.name, self._load_seconds)
 
@@ -125,6 +130,9 @@ class ModelWorker:
             "prompt_tokens": self._prompt_tokens,
             "completion_tokens": self._completion_tokens,
         }
+        if self._caches:  # stat() shows the cache's counters where a cache is in use
+            snapshot["cache_hits"] = sum(c.hits for c in self._caches.values())
+            snapshot["cache_misses"] = sum(c.misses for c in self._caches.values())
         try:
             self._stats.report.remote(self.replica, snapshot)
         except Exception:  # stats must never fail a request
@@ -237,9 +245,58 @@ class ModelWorker:
                         f"holds {context} tokens; pass {name} <= {context}")
         return None
 
+    # ---- the response cache ---------------------------------------------------------------
+    def _response_cache(self, spec):
+        """The worker's :class:`~.cache.ResponseCache` for ``spec`` (opened once)."""
+        from .cache import ResponseCache, model_identity
+
+        cache = self._caches.get(spec)
+        if cache is None:
+            if self._identity is None:
+                self._identity = model_identity(self.config, self.backend.name, self.model_dir)
+            cache = self._caches[spec] = ResponseCache(spec, self.config.model, self._identity)
+        return cache
+
+    def _cache_of(self, override: Any):
+        """The cache a batch uses: a model function's own ``cache=`` (the Arrow route's header: a spec,
+        or ``off``), else the deployment's; None: no cache. A function's ``cache=True`` without a store
+        uses the deployment's store."""
+        spec = getattr(self.config, "cache", None)
+        if override == "off":
+            return None
+        if override is not None:
+            from ..config import CacheSpec
+
+            asked = CacheSpec.parse(override if isinstance(override, (CacheSpec, dict)) else _json_or_text(override),
+                                    "cache")
+            if asked is not None and asked.store is None and spec is not None:
+                asked = CacheSpec(mode=asked.mode, store=spec.store)
+            if asked is not None and asked.store and asked.store.startswith("diskcache://") and (
+                    spec is None or asked.store != spec.store):
+                # A caller never makes a worker write to a folder it names: folders are chosen at deploy().
+                raise ConfigError(f"cache={asked!r} is not valid for a model function: a diskcache folder is "
+                                  "chosen with deploy(cache=...); pass cache=True, 'always' or a redis:// URI")
+            spec = asked
+        if spec is None:
+            return None
+        try:
+            return self._response_cache(spec)
+        except Exception as exc:  # a store that cannot be opened never fails the request
+            logger.warning("response cache %r of model %r cannot be opened (%s: %s); answering without it",
+                           spec, self.config.model, type(exc).__name__, str(exc)[:300])
+            return None
+
+    async def _answer(self, requests: list, cache) -> list[ChatResult]:
+        """The engine's answers to ``requests``, through ``cache`` when there is one."""
+        if cache is None:
+            return await self.backend.chat_batch(requests)
+        return await cache.answer(requests, self.backend.chat_batch)
+
     # ---- the work -------------------------------------------------------------------------
-    async def run_batch(self, params: list[Any]) -> list[ChatResult | None]:
-        """Answer a batch of requests (dicts or JSON text; None rows stay None), in order."""
+    async def run_batch(self, params: list[Any], cache: Any = None) -> list[ChatResult | None]:
+        """Answer a batch of requests (dicts or JSON text; None rows stay None), in order. ``cache``: a model
+        function's own cache setting (see :meth:`_cache_of`)."""
+        response_cache = self._cache_of(cache)
         results: list[ChatResult | None] = [None] * len(params)
         todo_idx: list[int] = []
         todo: list = []
@@ -263,7 +320,7 @@ class ModelWorker:
         async with self._busy(len(params)) as slot:
             if todo:
                 try:
-                    answers = await self._until_done(lambda: self.backend.chat_batch(todo), slot)
+                    answers = await self._until_done(lambda: self._answer(todo, response_cache), slot)
                 except Exception as exc:  # the engine failed the whole batch: each row says why
                     logger.exception("backend %s failed a batch of %d", self.backend.name, len(todo))
                     answers = [ChatResult(error=f"{type(exc).__name__}: {exc}")] * len(todo)
@@ -381,7 +438,10 @@ class ModelWorker:
             column = arrow.decode_params(body)
         except ValueError as exc:
             return PlainTextResponse(str(exc), status_code=400)
-        results = await self.run_batch(column.to_pylist())
+        try:
+            results = await self.run_batch(column.to_pylist(), request.headers.get(CACHE_HEADER))
+        except ConfigError as exc:  # a malformed cache header
+            return PlainTextResponse(str(exc), status_code=400)
         responses = [None if r is None else r.response for r in results]
         errors = [None if r is None else r.error for r in results]
         metadata = [None if r is None else r.metadata for r in results]
@@ -509,6 +569,16 @@ async def _read_body(request):
     except ClientDisconnect:
         return PlainTextResponse("the client went away before its body arrived", status_code=400)
     return b"".join(chunks)
+
+
+def _json_or_text(value: str) -> Any:
+    """A cache header: a JSON object (``CacheSpec.header()``) or plain text (``always``, ``true``)."""
+    if value[:1] == "{":
+        try:
+            return json.loads(value)
+        except ValueError:
+            pass
+    return value
 
 
 def _error_item(exc: Exception) -> dict[str, Any]:

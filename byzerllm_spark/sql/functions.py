@@ -181,6 +181,7 @@ def model_function(
     timeout: float = 600.0,
     max_retries: int | None = None,
     retry_seconds: float | None = None,
+    cache: Any = None,
     return_type: Any = None,
 ):
     """The Spark function that calls a deployed model (DataFrame API).
@@ -200,6 +201,11 @@ def model_function(
             after its first failure; default ``$BYZERLLM_RETRY_SECONDS`` on the driver, else 60, which
             outlasts a Serve proxy restart.
         max_retries: also caps the number of retries; default None (only ``retry_seconds``).
+        cache: this function's response cache, in ``deploy(cache=...)``'s forms: ``True`` (deterministic
+            requests), ``"always"``, ``"redis://host:6379/0"``, or ``False`` (off, also where the deployment
+            caches); default None: the deployment's setting. ``True`` and ``"always"`` use the deployment's
+            store if it has one, else a folder on each worker's node. A re-run of a query that failed
+            part-way, and Spark's task retries, then send upstream only the rows not answered yet.
         return_type: structured output into a typed column. A Spark DDL type (``"struct<city:string,
             year:int>"``, ``"string"``, ``"array<string>"``...), a ``pyspark.sql.types.DataType``, or a JSON
             schema (dict or JSON text; ``{"enum": [...]}`` for labels). Each row asks the model for an
@@ -213,8 +219,8 @@ def model_function(
 
     Raises:
         ModelNotFoundError: the model is not deployed (lists the deployed ones).
-        ConfigError: a ``return_type`` that is no Spark type or JSON schema this can map, or one given for an
-            embedding model.
+        ConfigError: a malformed option (``cache=`` names the accepted forms); a ``return_type`` that is no
+            Spark type or JSON schema this can map, or one given for an embedding model.
 
     Example:
         >>> chat = model_function("chat_model")  # doctest: +SKIP
@@ -228,6 +234,13 @@ def model_function(
     from .udf import run_embeddings, run_requests
 
     check_python()
+    if cache is None:
+        cache_header = None
+    else:
+        from ..config import CacheSpec
+
+        spec = CacheSpec.parse(cache, "cache")
+        cache_header = "off" if spec is None else spec.header()
     retry_seconds = transport.retry_seconds(retry_seconds)  # read on the driver: executors use the same
     if endpoint is None:
         from ..cluster import endpoint as cluster_endpoint
@@ -249,6 +262,8 @@ def model_function(
         timeout=timeout, max_retries=max_retries, retry_seconds=retry_seconds, fail_on_error=fail_on_error,
         stats=_stats_accumulator(),
     )
+    if cache_header is not None:
+        options["cache_header"] = cache_header
     if info.get("embedding"):
         if return_type is not None:
             raise ConfigError(bad_value("return_type", return_type, f"model {model!r} computes embeddings "
@@ -297,16 +312,19 @@ def _spark_parallelism() -> int:
 def register_model_function(spark, model: str, *, udf_name: str | None = None, **options: Any) -> str:
     """Register a deployed model as the SQL function ``udf_name`` (default: the model name).
 
-    Takes the options of :func:`model_function`. Also registers ``llm_param`` and friends.
+    Takes the options of :func:`model_function` (``cache=True`` caches this function's answers, see
+    there). Also registers ``llm_param`` and friends.
 
     Returns:
         The registered function name.
 
     Raises:
         ModelNotFoundError: the model is not deployed.
-        ConfigError: a bad option, e.g. a ``return_type`` that is no Spark DDL type or JSON schema.
+        ConfigError: a malformed option, named with its accepted forms.
 
     Example:
+        >>> bls.register_model_function(spark, "chat", udf_name="chat_cached", cache=True)  # doctest: +SKIP
+        'chat_cached'
         >>> bls.register_model_function(spark, "chat", udf_name="extract",
         ...                             return_type="struct<city:string, year:int>")  # doctest: +SKIP
         >>> spark.sql("SELECT extract(llm_param(map('instruction', txt))) AS r FROM t").select("r.city")  # doctest: +SKIP

@@ -123,14 +123,17 @@ def as_request_json(array):
 
 
 def run_requests(batches, *, model, endpoint, batch_size, concurrency, timeout, max_retries, fail_on_error,
-                 stats=None, retry_seconds=None, structured=None):
+                 stats=None, retry_seconds=None, cache_header=None, structured=None):
     """``structured``: ``(response_format JSON, Spark type)`` of a typed model function (``return_type``):
     each row asks for that format and its answer is returned as a value of that type."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
     from ..protocol import arrow
+    from ..settings import CACHE_HEADER
     from ..transport import last_retries, post_arrow
+
+    headers = {CACHE_HEADER: cache_header} if cache_header else None
 
     if structured is not None:
         from pyspark.sql.pandas.types import to_arrow_type
@@ -147,7 +150,7 @@ def run_requests(batches, *, model, endpoint, batch_size, concurrency, timeout, 
         try:
             table = arrow.decode_results(
                 post_arrow(endpoint, model, body, timeout=timeout, max_retries=max_retries,
-                           retry_seconds=retry_seconds)
+                           retry_seconds=retry_seconds, headers=headers)
             )
         except ModelNotFoundError:
             raise
