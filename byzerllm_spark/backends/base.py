@@ -75,6 +75,20 @@ def check_structured(request: "ChatRequest", result: ChatResult) -> ChatResult:
     return ChatResult(response=result.response, error=why, metadata={**result.metadata, "http_status": "502"})
 
 
+def prompt_messages(request: "ChatRequest") -> list[dict[str, str]]:
+    """The request's messages as a local engine prompts them: with a ``response_format``, its
+    :meth:`~byzerllm_spark.protocol.structured.ResponseFormat.hint` ends the system message."""
+    messages = request.messages()
+    fmt = request.response_format
+    if fmt is None:
+        return messages
+    if messages[0]["role"] == "system":
+        messages[0] = {"role": "system", "content": messages[0]["content"] + "\n\n" + fmt.hint()}
+    else:
+        messages.insert(0, {"role": "system", "content": fmt.hint()})
+    return messages
+
+
 class Backend(abc.ABC):
     """One loaded model inside one worker (Serve replica).
 

@@ -4,20 +4,25 @@ Plain ``infer_params`` keys are llama.cpp's own ``Llama(...)`` arguments, as Byz
 give them (``n_gpu_layers``, ``verbose``, ``n_ctx``...); ``backend.*`` keys are accepted too. Unknown
 keys are refused on the driver at ``deploy()``, before any worker starts.
 
-A request's ``response_format`` becomes llama.cpp's JSON-schema grammar (``response_format={"type":
-"json_object", "schema": ...}`` of ``create_chat_completion``), so decoding can only produce a valid answer.
+A request's ``response_format`` becomes llama.cpp's JSON-schema grammar (llama-cpp-python's
+``json_schema_to_gbnf``, the GBNF that ``response_format={"type": "json_object", "schema": ...}`` would
+build), so decoding can only produce a valid answer. One fix to that grammar: its rule for a string's
+characters lets a raw newline or other control character into a string, which is not JSON (measured:
+SmolLM2 wrote a newline inside a city name and ran on to ``max_length``); llama.cpp's own C++ converter
+excludes control characters, and so does the grammar here.
 """
 
 from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import threading
 from typing import Any, AsyncIterator
 
 from ..errors import ConfigError
 from ._model_files import find_gguf
-from .base import Backend, ChatResult, stop_event
+from .base import Backend, ChatResult, prompt_messages, stop_event
 
 
 def _import_llama():
@@ -79,6 +84,7 @@ class LlamaCppBackend(Backend):
         self.gguf = gguf
         self.llm = Llama(model_path=gguf, **self.params)
         self._lock = threading.Lock()
+        self._grammars: dict[str, Any] = {}
         self.context_length = int(self.llm.n_ctx())
         completion = inspect.signature(self.llm.create_chat_completion).parameters
         self._gen_keys = set(completion) - {"messages", "stream", "self"}
@@ -88,12 +94,23 @@ class LlamaCppBackend(Backend):
         for key, value in req.generation.items():
             if key in self._gen_keys:
                 kwargs[key] = value
-        if req.response_format is not None:  # llama.cpp compiles the schema into a GBNF grammar
-            kwargs["response_format"] = {"type": "json_object", "schema": req.response_format.schema}
+        if req.response_format is not None:
+            kwargs["grammar"] = self._grammar(req.response_format)
         return kwargs
 
+    def _grammar(self, fmt):
+        """The llama.cpp grammar of a ``response_format``, built once per schema."""
+        grammar = self._grammars.get(fmt.key)
+        if grammar is None:
+            from llama_cpp.llama_grammar import LlamaGrammar, json_schema_to_gbnf
+
+            gbnf = json_schema_to_gbnf(json.dumps(fmt.schema))
+            gbnf = gbnf.replace('char ::= [^"\\\\]', 'char ::= [^"\\\\\\x7F\\x00-\\x1F]')
+            grammar = self._grammars[fmt.key] = LlamaGrammar.from_string(gbnf, verbose=False)
+        return grammar
+
     def _answer(self, req) -> ChatResult:
-        out = self.llm.create_chat_completion(messages=req.messages(), **self._gen_kwargs(req))
+        out = self.llm.create_chat_completion(messages=prompt_messages(req), **self._gen_kwargs(req))
         usage = out.get("usage") or {}
         choice = out["choices"][0]
         return ChatResult(
@@ -132,7 +149,7 @@ class LlamaCppBackend(Backend):
             try:
                 with self._lock:
                     for chunk in self.llm.create_chat_completion(
-                        messages=request.messages(), stream=True, **self._gen_kwargs(request)
+                        messages=prompt_messages(request), stream=True, **self._gen_kwargs(request)
                     ):
                         if gone.is_set():  # the caller went away: stop at this token
                             break

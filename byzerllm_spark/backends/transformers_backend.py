@@ -26,7 +26,7 @@ from typing import Any, AsyncIterator
 
 from ..errors import ConfigError
 from ._model_files import dequantised_dir, find_gguf, is_hf_dir
-from .base import Backend, ChatResult, stop_event
+from .base import Backend, ChatResult, prompt_messages, stop_event
 
 #: generate() keyword arguments a request may set through ``generation.<name>``.
 _GENERATE_KEYS = {
@@ -176,12 +176,12 @@ class TransformersBackend(Backend):
 
     # ---- prompts ------------------------------------------------------------------------
     def prompt(self, req) -> str:
-        messages = req.messages()
+        messages = prompt_messages(req)
         if getattr(self.tokenizer, "chat_template", None):
             return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         # No chat template: Byzer-LLM's role names (user_role, assistant_role) build a plain transcript.
         user, assistant = req.user_role or "User", req.assistant_role or "Assistant"
-        lines = [req.system_msg] if req.system_msg else []
+        lines = [messages[0]["content"]] if messages[0]["role"] == "system" else []
         for turn in req.history:
             lines.append(f"{user if turn['role'] == 'user' else assistant}: {turn['content']}")
         lines.append(f"{user}: {req.instruction}")
