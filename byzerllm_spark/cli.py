@@ -109,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="model directory or .gguf file for custom/* types (default: the embedded SmolLM2-135M-Instruct)")
     deploy.add_argument("--model_table", default=None, metavar="TABLE", help="a Delta model table to load instead of --model_path")
     deploy.add_argument("--num_workers", type=int, default=1, metavar="N", help="workers (Serve replicas) of this model (default: 1)")
+    deploy.add_argument("--min_workers", type=int, default=None, metavar="N",
+                        help="autoscaling: the fewest workers, 0 scales to zero when idle (default: 1 with --max_workers)")
+    deploy.add_argument("--max_workers", type=int, default=None, metavar="N",
+                        help="autoscaling: the most workers, instead of a fixed --num_workers (default: no autoscaling)")
     deploy.add_argument("--cpus_per_worker", type=float, default=None, metavar="CPUS",
                         help="CPUs per worker, fractions allowed (default: 1, or 0.001 for saas/*)")
     deploy.add_argument("--gpus_per_worker", type=float, default=0, metavar="GPUS", help="GPUs per worker, fractions allowed (default: 0)")
@@ -207,9 +211,11 @@ def _deploy(args: argparse.Namespace) -> None:
         cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
         worker_concurrency=args.worker_concurrency, load_balance=args.load_balance,
         infer_params=infer_params, reconnect=args.reconnect,
-        wait_ready_timeout=args.wait_ready_timeout,
+        wait_ready_timeout=args.wait_ready_timeout, min_workers=args.min_workers, max_workers=args.max_workers,
     )
-    print(f"deployed {args.model!r} ({config.num_workers} workers) at {info.endpoint}/{args.model}/arrow")
+    workers = (f"{config.initial_workers} to {config.max_workers} workers, autoscaling" if config.autoscaling
+               else f"{config.num_workers} workers")
+    print(f"deployed {args.model!r} ({workers}) at {info.endpoint}/{args.model}/arrow")
 
 
 def _undeploy(args: argparse.Namespace) -> None:

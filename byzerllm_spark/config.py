@@ -19,6 +19,10 @@ TYPED_KEY_TYPES = ("int", "float", "bool", "str", "list", "dict")
 #: Prefixes whose keys must carry a type: ``<prefix>.<type>.<name>``.
 TYPED_PREFIXES = ("sft", "sfft")
 LOAD_BALANCE_STRATEGIES = ("lru", "round_robin")
+#: Serve autoscaling settings of a model deployed with ``max_workers`` (the user's ``autoscaling_config``
+#: wins): a worker is added after 5 s of every slot taken (Serve's default of 30 s is long next to a batch
+#: job's minutes) and removed after 60 s with less work than the others can take (Serve: 600 s).
+AUTOSCALING_DEFAULTS = {"upscale_delay_s": 5.0, "downscale_delay_s": 60.0}
 SECRET_KEYS = frozenset({"api_key", "apikey", "api_secret", "secret_key", "token", "password", "headers"})
 REDACTED = "******"
 
@@ -428,6 +432,11 @@ class DeployConfig:
     resources: dict[str, float] = field(default_factory=dict)
     #: The response cache (``deploy(cache=...)``), None: off.
     cache: CacheSpec | None = None
+    #: Autoscaling bounds (``deploy(min_workers=, max_workers=)``); None: a fixed ``num_workers``.
+    min_workers: int | None = None
+    max_workers: int | None = None
+    #: Serve ``AutoscalingConfig`` keys over :data:`AUTOSCALING_DEFAULTS` (``deploy(autoscaling_config=)``).
+    autoscaling_config: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not _MODEL_NAME.match(self.model):
@@ -438,6 +447,7 @@ class DeployConfig:
         _check_number("worker_concurrency", self.worker_concurrency, minimum=1, integer=True)
         _check_number("cpus_per_worker", self.cpus_per_worker, minimum=0.0)
         _check_number("gpus_per_worker", self.gpus_per_worker, minimum=0.0)
+        self._check_autoscaling()
         if not isinstance(self.resources, dict):
             raise ConfigError(bad_value("resources", self.resources, "pass a dict of resource name to amount"))
         for name, amount in self.resources.items():
@@ -458,6 +468,62 @@ class DeployConfig:
         if self.udf_name is not None and not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", self.udf_name):
             raise ConfigError(bad_value("udf_name", self.udf_name, "use a SQL identifier: letters, digits and '_'"))
 
+    def _check_autoscaling(self) -> None:
+        if self.min_workers is None and self.max_workers is None:
+            if self.autoscaling_config:
+                raise ConfigError(bad_value("autoscaling_config", self.autoscaling_config,
+                                            "it tunes autoscaling: pass max_workers= (and min_workers=) too"))
+            return
+        if self.max_workers is None:
+            raise ConfigError(bad_value("min_workers", self.min_workers, "autoscaling needs an upper bound: pass "
+                                        "max_workers= too, e.g. min_workers=1, max_workers=4"))
+        _check_number("max_workers", self.max_workers, minimum=1, integer=True)
+        if self.min_workers is not None:
+            _check_number("min_workers", self.min_workers, minimum=0, integer=True)
+            if self.min_workers > self.max_workers:
+                raise ConfigError(bad_value("min_workers", self.min_workers,
+                                            f"use at most max_workers={self.max_workers}"))
+        if self.num_workers != 1:
+            raise ConfigError(bad_value("num_workers", self.num_workers, "pass a fixed num_workers or "
+                                        "min_workers/max_workers (autoscaling), not both"))
+        if not isinstance(self.autoscaling_config, dict):
+            raise ConfigError(bad_value("autoscaling_config", self.autoscaling_config,
+                                        "pass a dict of Ray Serve AutoscalingConfig keys, e.g. {'downscale_delay_s': 300}"))
+        owned = {"min_replicas", "max_replicas", "initial_replicas"} & set(self.autoscaling_config)
+        if owned:
+            raise ConfigError(bad_value("autoscaling_config", sorted(owned), "set them with min_workers= and "
+                                        "max_workers= (workers start at min_workers)"))
+
+    @property
+    def autoscaling(self) -> bool:
+        """True when Serve scales the workers between ``min_workers`` and ``max_workers``."""
+        return self.max_workers is not None
+
+    @property
+    def initial_workers(self) -> int:
+        """Workers started by ``deploy``: ``min_workers`` (default 1) when autoscaling, else ``num_workers``."""
+        if self.autoscaling:
+            return 1 if self.min_workers is None else self.min_workers
+        return self.num_workers
+
+    @property
+    def most_workers(self) -> int:
+        """The most workers this model can have: ``max_workers`` when autoscaling, else ``num_workers``."""
+        return self.max_workers if self.autoscaling else self.num_workers
+
+    def serve_autoscaling_config(self) -> dict[str, Any] | None:
+        """Serve's ``autoscaling_config`` for this model, or None for a fixed ``num_workers``.
+
+        Each worker's target is ``worker_concurrency`` requests in flight (its slots), so Serve adds a
+        worker when the slots of all are taken and requests queue; :data:`AUTOSCALING_DEFAULTS` under
+        the user's ``autoscaling_config`` keys.
+        """
+        if not self.autoscaling:
+            return None
+        return {**AUTOSCALING_DEFAULTS, "target_ongoing_requests": self.worker_concurrency,
+                **self.autoscaling_config, "min_replicas": self.initial_workers,
+                "initial_replicas": self.initial_workers, "max_replicas": self.max_workers}
+
     @property
     def is_saas(self) -> bool:
         return self.pretrained_model_type.startswith("saas/")
@@ -468,7 +534,8 @@ class DeployConfig:
             f"infer_backend={self.infer_backend!r}, model_path={self.model_path!r}, "
             f"model_table={self.model_table!r}, num_workers={self.num_workers}, "
             f"cpus_per_worker={self.cpus_per_worker}, gpus_per_worker={self.gpus_per_worker}, "
-            f"worker_concurrency={self.worker_concurrency}, load_balance={self.load_balance!r}, "
+            + (f"min_workers={self.initial_workers}, max_workers={self.max_workers}, " if self.autoscaling else "")
+            + f"worker_concurrency={self.worker_concurrency}, load_balance={self.load_balance!r}, "
             f"infer_params={self.infer_params!r}"
             + (f", cache={self.cache!r})" if self.cache else ")")
         )

@@ -21,7 +21,8 @@ logger = logging.getLogger(__name__)
 #: deploy() arguments that DeployConfig takes as they are.
 _CONFIG_ARGS = (
     "pretrained_model_type", "infer_backend", "model_path", "model_table", "num_workers", "cpus_per_worker",
-    "gpus_per_worker", "worker_concurrency", "load_balance", "udf_name", "local_path_prefix",
+    "gpus_per_worker", "worker_concurrency", "load_balance", "udf_name", "local_path_prefix", "min_workers",
+    "max_workers",
 )
 
 
@@ -46,6 +47,9 @@ def deploy(
     local_path_prefix: str | None = None,
     resources: Mapping[str, float] | None = None,
     cache: Any = None,
+    min_workers: int | None = None,
+    max_workers: int | None = None,
+    autoscaling_config: Mapping[str, Any] | None = None,
     **byzer_names: Any,
 ) -> DeployConfig:
     """Deploy a model as a Ray Serve application named ``model``.
@@ -74,6 +78,13 @@ def deploy(
         resources: custom Ray resources each worker needs, ``{"master": 0.01}`` (Byzer-LLM's
             ``!byzerllm setup "resource.master=0.01"``): pins workers to nodes started with that
             resource (``ray start --resources '{"master": 1}'``). Default None: none.
+        min_workers, max_workers: autoscaling instead of a fixed ``num_workers``: Ray Serve keeps
+            between ``min_workers`` (default 1) and ``max_workers`` workers, adding one when every
+            worker's ``worker_concurrency`` slots are taken and requests wait (after 5 s), removing one
+            after 60 s of less work. ``min_workers=0`` scales to zero when idle: ``deploy`` then starts
+            no worker and the first request waits while one loads. Default None: no autoscaling.
+        autoscaling_config: Ray Serve ``AutoscalingConfig`` keys over these defaults, e.g.
+            ``{"downscale_delay_s": 300, "target_ongoing_requests": 2}``; only with ``max_workers``.
         cache: the response cache (see ``serving/cache.py``); default None: off. ``True`` keeps the answers
             of deterministic requests (temperature 0, a ``generation.seed``) in a diskcache folder on each
             worker's node; ``"always"`` keeps every answer; a store URI picks the store:
@@ -96,6 +107,7 @@ def deploy(
 
     Example:
         >>> bls.deploy("chat", num_workers=2, cpus_per_worker=0.5)  # doctest: +SKIP
+        >>> bls.deploy("busy", min_workers=1, max_workers=4, worker_concurrency=4)  # doctest: +SKIP
     """
     from ..backends import registry
     from ..backends._model_files import check_model_path
@@ -114,6 +126,7 @@ def deploy(
         sys_conf=dict(sys_conf or {}),
         resources=dict(resources or {}),
         cache=CacheSpec.parse(args["cache"], "cache"),
+        autoscaling_config=_autoscaling_config(autoscaling_config),
         **{name: args[name] for name in _CONFIG_ARGS},
     )
     if not isinstance(wait_ready_timeout, (int, float)) or wait_ready_timeout <= 0:
@@ -153,6 +166,27 @@ def deploy(
     if spark is not None:
         _register_sql(spark, model, udf_name)
     return config
+
+
+def _autoscaling_config(given: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``deploy(autoscaling_config=)`` checked against Ray Serve's own ``AutoscalingConfig``."""
+    if not given:
+        return {}
+    if not isinstance(given, Mapping):
+        raise ConfigError(f"autoscaling_config={given!r} is not valid: pass a dict of Ray Serve AutoscalingConfig "
+                          "keys, e.g. {'downscale_delay_s': 300}")
+    from ray.serve.config import AutoscalingConfig
+
+    known = set(AutoscalingConfig.model_fields)
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise ConfigError(f"autoscaling_config key {unknown[0]!r} is not a Ray Serve AutoscalingConfig key; "
+                          f"valid keys: {', '.join(sorted(known))}")
+    try:
+        AutoscalingConfig(**{"min_replicas": 0, "max_replicas": 1, **given})
+    except Exception as exc:  # pydantic's ValidationError: name the keys and what they need
+        raise ConfigError(f"autoscaling_config={dict(given)!r} is not valid: {str(exc).strip()[:600]}") from None
+    return dict(given)
 
 
 def _openai_app() -> None:
@@ -202,19 +236,27 @@ def _check_resources(config: DeployConfig) -> None:
             "lower it, or join a cluster that has the resources (bls.init(ray_address=...))"
         )
     total_cpu = sum(n["Resources"].get("CPU", 0) for n in fits)
-    if need_cpu * config.num_workers > total_cpu + 1e-9:
+    count, workers_arg = _started_workers(config)
+    if need_cpu * count > total_cpu + 1e-9:
         raise ResourceError(
-            f"num_workers={config.num_workers} x cpus_per_worker={need_cpu:g} needs {need_cpu * config.num_workers:g} "
+            f"{workers_arg} x cpus_per_worker={need_cpu:g} needs {need_cpu * count:g} "
             f"CPUs but the cluster has {total_cpu:g} ({have}); use fewer workers or a fractional cpus_per_worker"
         )
     if need_gpu:
         total_gpu = sum(n["Resources"].get("GPU", 0) for n in fits)
-        if need_gpu * config.num_workers > total_gpu + 1e-9:
+        if need_gpu * count > total_gpu + 1e-9:
             raise ResourceError(
-                f"num_workers={config.num_workers} x gpus_per_worker={need_gpu:g} needs "
-                f"{need_gpu * config.num_workers:g} GPUs but the cluster has {total_gpu:g}; use fewer workers "
+                f"{workers_arg} x gpus_per_worker={need_gpu:g} needs "
+                f"{need_gpu * count:g} GPUs but the cluster has {total_gpu:g}; use fewer workers "
                 "or a fractional gpus_per_worker (0.5 shares one GPU between two workers)"
             )
+
+
+def _started_workers(config: DeployConfig) -> tuple[int, str]:
+    """How many workers ``deploy`` starts, and the argument that says so (for messages)."""
+    if config.autoscaling:
+        return config.initial_workers, f"min_workers={config.initial_workers}"
+    return config.num_workers, f"num_workers={config.num_workers}"
 
 
 def _check_free(config: DeployConfig) -> None:
@@ -223,20 +265,22 @@ def _check_free(config: DeployConfig) -> None:
     import ray
 
     free = ray.available_resources()
+    count, workers_arg = _started_workers(config)
     for resource, per_worker, param in (("CPU", config.cpus_per_worker, "cpus_per_worker"),
                                         ("GPU", config.gpus_per_worker, "gpus_per_worker")):
-        need = per_worker * config.num_workers
+        need = per_worker * count
         if not need or need <= free.get(resource, 0.0) + 1e-9:
             continue
         holders = []
         for name in serve_app.deployed_models():
             held = serve_app.stored_config(name)
             if held is not None:
-                amount = (held.cpus_per_worker if resource == "CPU" else held.gpus_per_worker) * held.num_workers
-                if amount:
-                    holders.append(f"{name!r} ({held.num_workers} x {amount / held.num_workers:g} {resource})")
+                per = held.cpus_per_worker if resource == "CPU" else held.gpus_per_worker
+                if per:
+                    held_count = f"{held.initial_workers}-{held.max_workers}" if held.autoscaling else held.num_workers
+                    holders.append(f"{name!r} ({held_count} x {per:g} {resource})")
         raise ResourceError(
-            f"num_workers={config.num_workers} x {param}={per_worker:g} needs {need:g} {resource} but only "
+            f"{workers_arg} x {param}={per_worker:g} needs {need:g} {resource} but only "
             f"{free.get(resource, 0.0):g} are free now; held by deployed models: {', '.join(holders) or 'none'}"
             f" (and other Ray tasks or finetune jobs). Undeploy one (bls.undeploy(name)), lower {param} "
             "(fractions such as 0.5 are allowed), or use fewer workers"
@@ -266,7 +310,7 @@ def _run(config: DeployConfig, wait_ready_timeout: float) -> None:
             serve_app.delete(config.model)
             reason = message or str(start.failed).splitlines()[-1][:2000]
             raise DeploymentError(f"model {config.model!r} failed to start: {reason}")
-        progress.update(config.num_workers)
+        progress.update(config.initial_workers)
     finally:
         progress.close()
     logger.info("model %r ready in %.1fs", config.model, time.monotonic() - started)
@@ -280,7 +324,7 @@ class _progress:
 
         from ..settings import progress_disable
 
-        self._bar = tqdm(total=config.num_workers, desc=f"deploy {config.model}: workers ready", unit="worker",
+        self._bar = tqdm(total=config.initial_workers, desc=f"deploy {config.model}: workers ready", unit="worker",
                          leave=False, disable=progress_disable(), delay=2.0)
 
     def update(self, ready: int) -> None:
@@ -343,7 +387,9 @@ def stat(model: str) -> dict[str, Any]:
         ``total_prompt_tokens`` and ``total_completion_tokens`` (summed over the live workers, as
         the backends report them: transformers, llama.cpp and SaaS vendors do; plugins may), then,
         where a response cache is in use (``cache=``), ``cache_hits`` (rows answered from it) and
-        ``cache_misses`` (rows the engine answered and the cache kept).
+        ``cache_misses`` (rows the engine answered and the cache kept). An autoscaled model
+        (``max_workers``) adds ``min_workers``, ``max_workers`` and ``target_workers`` (the count Serve
+        is scaling to; ``total_workers`` counts the workers up now).
         ``total_requests`` counts requests (rows) answered by each worker.
 
     Raises:
@@ -367,7 +413,17 @@ def stat(model: str) -> dict[str, Any]:
         "total_completion_tokens": sum(d.get("completion_tokens", 0) for _, d in live),
         **({"cache_hits": sum(d["cache_hits"] for _, d in cached), "cache_misses": sum(d["cache_misses"] for _, d in cached)}
            if cached else {}),
+        **_autoscaling_stat(model),
     }
+
+
+def _autoscaling_stat(model: str) -> dict[str, Any]:
+    """``min_workers``, ``max_workers`` and ``target_workers`` (Serve's current target) of an autoscaled model."""
+    config = serve_app.stored_config(model)
+    if config is None or not config.autoscaling:
+        return {}
+    return {"min_workers": config.initial_workers, "max_workers": config.max_workers,
+            "target_workers": serve_app.target_workers(model)}
 
 
 def workers(model: str) -> list[dict[str, Any]]:

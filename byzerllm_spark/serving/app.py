@@ -2,7 +2,8 @@
 public API only.
 
 One application per model, named after it, route prefix ``/{model}``; its deployment
-``ByzerLLMWorker`` has ``num_workers`` replicas of :class:`.replica.ModelWorker`, each with
+``ByzerLLMWorker`` has ``num_workers`` replicas of :class:`.replica.ModelWorker` (or Serve's autoscaling
+between ``min_workers`` and ``max_workers``), each with
 ``max_ongoing_requests = worker_concurrency`` and the LRU (or round-robin) request router. A small
 detached stats actor per model keeps the replicas' counters for ``stat()``.
 """
@@ -40,7 +41,8 @@ def build(config) -> Any:
         serve.deployment(ModelWorker)
         .options(
             name=DEPLOYMENT_NAME,
-            num_replicas=config.num_workers,
+            **({"autoscaling_config": config.serve_autoscaling_config()} if config.autoscaling
+               else {"num_replicas": config.num_workers}),
             # Spare slots beyond the model's: a request whose body is still arriving holds one of these,
             # never a slot of the model (the worker takes those once the body is in hand).
             max_ongoing_requests=slots + SPARE_SLOTS,
@@ -115,6 +117,18 @@ def replica_states(model: str) -> tuple[str | None, dict[str, int], str]:
     deployment = getattr(status, "deployments", {}).get(DEPLOYMENT_NAME)
     states = {str(k).split(".")[-1]: v for k, v in (getattr(deployment, "replica_states", None) or {}).items()}
     return str(status.status).split(".")[-1], states, failure_message(status)
+
+
+def target_workers(model: str) -> int | None:
+    """The worker count Serve is scaling a model's deployment to (running plus starting), None if unknown."""
+    from ray import serve
+
+    status = serve.status().applications.get(model)
+    deployment = getattr(status, "deployments", {}).get(DEPLOYMENT_NAME) if status else None
+    states = getattr(deployment, "replica_states", None)
+    if states is None:
+        return None
+    return sum(n for state, n in states.items() if str(state).split(".")[-1] in ("RUNNING", "STARTING", "UPDATING"))
 
 
 def failure_message(status) -> str:

@@ -399,7 +399,10 @@ class ModelWorker:
             pid=os.getpid(),
             load_seconds=self._load_seconds,
             model=self.config.model,
-            num_workers=self.config.num_workers,
+            # The most workers the model can have (max_workers when autoscaling): the Spark functions
+            # keep that many slots' worth of requests in flight, so a busy model is seen to need more.
+            num_workers=self.config.most_workers,
+            min_workers=self.config.initial_workers,
             worker_concurrency=self.config.worker_concurrency,
             embedding=bool(self.backend.supports_embedding),
             preferred_batch_size=int(self.backend.preferred_batch_size),

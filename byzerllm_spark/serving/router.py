@@ -36,6 +36,10 @@ class LRURequestRouter(FIFOMixin, RequestRouter):
         if not candidate_replicas:
             return []
         last = self._last_routed
+        if len(last) > len(candidate_replicas) + 16:  # workers removed by autoscaling are forgotten
+            live = {r.replica_id for r in candidate_replicas}
+            for replica_id in [k for k in last if k not in live]:
+                del last[replica_id]
         queue_lens = self.replica_queue_len_cache
 
         def full(replica) -> bool:
