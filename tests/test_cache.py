@@ -243,6 +243,11 @@ def test_echo_cache_from_chat_v1_and_spark_per_function_clear_and_a_changed_mode
              infer_params={"echo_prefix": "B:"})
     changed = bls.chat_batch("rc_echo", asks, with_metadata=True)
     assert [(r["response"], r["metadata"]["cache"]) for r in changed] == [(f"B:e{i}", "miss") for i in range(3)]
+    # Streams: kept once whole, a hit comes as one piece.
+    hits = bls.stat("rc_echo")["cache_hits"]
+    assert "".join(bls.stream_chat("rc_echo", "s1", temperature=0)) == "B:s1"
+    assert list(bls.stream_chat("rc_echo", "s1", temperature=0)) == ["B:s1"]
+    assert bls.stat("rc_echo")["cache_hits"] == hits + 1
     # A deployment without a cache, a function with its own ('always': sampled requests too).
     deployed("rc_plain", pretrained_model_type="custom/echo", cpus_per_worker=0.1)
     bls.register_model_function(spark, "rc_plain", udf_name="rc_plain_cached", fail_on_error=False, cache="always")

@@ -19,6 +19,8 @@ failure) sends upstream only the rows that were not answered yet.
 - **Where**: a diskcache folder (SQLite) on each worker's node by default (``<home>/response_cache``), or a
   Redis server that every node reaches (``redis://host:6379/0``; Valkey and other servers speaking its
   protocol too) for a cluster, or another folder (``diskcache:///dir``).
+- **Streams** (``bls.stream_chat``, ``/v1`` with ``stream=true``) use the deployment's cache too: a hit
+  comes as one piece, a streamed answer is kept once it is whole.
 - **Shown**: a row from the cache has ``metadata["cache"] = "hit"`` (and no token counts: it cost none),
   a cacheable row answered by the engine ``"miss"``, another row ``"skip"``; ``bls.stat(model)`` counts
   ``cache_hits`` and ``cache_misses``. A store that fails is logged and skipped: it never fails a request.
@@ -211,6 +213,25 @@ class ResponseCache:
             self._warned = now
             logger.warning("response cache %r of model %r: %s failed (%s: %s); answering without it",
                            self.store, self.model, what, type(exc).__name__, redact_uri(str(exc))[:300])
+
+    async def lookup(self, key: str) -> ChatResult | None:
+        """The kept answer of ``key`` (marked ``cache=hit``), or None."""
+        try:
+            (value,) = await asyncio.to_thread(self.store.get_many, [key])
+        except Exception as exc:
+            self._warn("a lookup", exc)
+            return None
+        hit = _decode(value) if value is not None else None
+        self.hits += hit is not None
+        return hit
+
+    async def keep(self, key: str, result: ChatResult) -> None:
+        """Keep ``result`` (an answer without error) under ``key``."""
+        try:
+            await asyncio.to_thread(self.store.set_many, [(key, _encode(result))], self.model)
+            self.misses += 1
+        except Exception as exc:
+            self._warn("a write", exc)
 
     async def answer(self, requests: list, engine: Callable[[list], Awaitable[list[ChatResult]]]) -> list[ChatResult]:
         """``requests`` answered from the store where it has them, the others by ``engine`` (the backend's

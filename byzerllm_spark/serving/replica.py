@@ -352,6 +352,18 @@ class ModelWorker:
         if too_long:
             yield {"error": too_long, "status": 400}
             return
+        cache = self._cache_of(None)
+        key = cache.key(request) if cache is not None else None
+        if key is not None:
+            hit = await cache.lookup(key)
+            if hit is not None:  # the whole answer as one piece, as a backend that does not stream sends it
+                async with self._busy(1):
+                    pass
+                if hit.response:
+                    yield {"text": hit.response}
+                yield {"metadata": hit.metadata}
+                return
+        texts: list[str] = []
         metadata: dict[str, str] = {}
         last: dict[str, Any] = {"metadata": metadata}
         async with self._busy(1) as slot:
@@ -363,12 +375,17 @@ class ModelWorker:
                     if isinstance(piece, ChatResult):  # a backend's closing item: usage and finish reason
                         metadata.update(piece.metadata)
                     elif piece:
+                        if key is not None:
+                            texts.append(str(piece))
                         yield {"text": str(piece)}
                 self._count_usage(metadata)
             except Exception as exc:  # the caller gets the error as an item; the replica goes on
                 last = _error_item(exc)
             finally:
                 await pieces.aclose()  # the consumer side: no engine work is awaited here
+        if key is not None and "error" not in last:  # a whole answer: kept before its last item goes out
+            await cache.keep(key, ChatResult(response="".join(texts), metadata=dict(metadata)))
+            metadata["cache"] = "miss"
         # The answer is complete (the request counted answered) before its last item goes out: a
         # consumer that stops once it has the metadata or the error is no caller that went away.
         yield last
