@@ -120,6 +120,8 @@ case class BatchLLMExec(calls: Seq[LLMCall], resultAttrs: Seq[Attribute], child:
                         settings: BridgeSettings, sizing: Seq[Sizing]) extends UnaryExecNode {
   override def output: Seq[Attribute] = child.output ++ resultAttrs
   override def producedAttributes: AttributeSet = AttributeSet(resultAttrs)
+  // SparkPlan.nodeName drops "Exec"; the full name is what EXPLAIN users search for.
+  override def nodeName: String = "BatchLLMExec"
   override protected def withNewChildInternal(newChild: SparkPlan): BatchLLMExec = copy(child = newChild)
 
   override protected def doExecute(): RDD[InternalRow] = {
