@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.add_argument("--infer_params", nargs="*", default=[], metavar="KEY=VALUE",
                         help="model parameters: saas.* (vendor), backend.* (engine), generation.* and plain keys, "
                              "e.g. saas.api_key=... saas.model=qwen-max")
+    deploy.add_argument("--cache", default=None, metavar="CACHE",
+                        help="response cache: true (answers of deterministic requests, on each worker's node), always "
+                             "(every request), or a store URI such as redis://host:6379/0 (default: off)")
     deploy.add_argument("--reconnect", action="store_true",
                         help="reuse a live deployment of the same name instead of failing")
     deploy.add_argument("--wait_ready_timeout", type=float, default=300, metavar="SECONDS",
@@ -203,7 +206,10 @@ def _stop(args: argparse.Namespace) -> None:
 def _deploy(args: argparse.Namespace) -> None:
     from .api.deploy import deploy
 
+    from .config import CacheSpec
+
     infer_params = _params(args.infer_params)  # a typo fails before the minutes of connecting
+    cache = CacheSpec.parse(args.cache, "--cache")
     info = _connect(args)
     config = deploy(
         args.model, pretrained_model_type=args.pretrained_model_type, infer_backend=args.infer_backend,
@@ -212,6 +218,7 @@ def _deploy(args: argparse.Namespace) -> None:
         worker_concurrency=args.worker_concurrency, load_balance=args.load_balance,
         infer_params=infer_params, reconnect=args.reconnect,
         wait_ready_timeout=args.wait_ready_timeout, min_workers=args.min_workers, max_workers=args.max_workers,
+        cache=cache,
     )
     workers = (f"{config.initial_workers} to {config.max_workers} workers, autoscaling" if config.autoscaling
                else f"{config.num_workers} workers")

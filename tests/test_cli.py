@@ -112,6 +112,13 @@ def test_bad_infer_params_fail_before_connecting(home):
     ]
 
 
+def test_bad_cache_fails_before_connecting(home):
+    out = byzerllm("deploy", "--model", "m", "--ray_address", "127.0.0.1:1", "--cache", "sometimes", check=False,
+                   timeout=60)
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines()[0].startswith("byzerllm: error: --cache='sometimes' is not valid: pass True")
+
+
 def test_submit_runs_the_environments_spark_without_activation(home):
     env = {"HOME": os.environ.get("HOME", "/tmp"), "PATH": "/usr/bin:/bin"}
     if os.environ.get("JAVA_HOME"):
