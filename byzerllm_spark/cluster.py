@@ -126,6 +126,7 @@ def init(
     auth_token: str | None = None,
     log_level: str | None = None,
     resources: dict[str, float] | None = None,
+    proxy_location: str = "HeadOnly",
 ) -> ClusterInfo:
     """Connect to (or start) Ray and Ray Serve. Safe to call twice.
 
@@ -155,6 +156,11 @@ def init(
             errors and only the errors of Ray and Serve; ``"INFO"`` or ``"DEBUG"`` bring back Ray's and
             Serve's logs and the workers' progress bars. Sets ``$BYZERLLM_LOG_LEVEL`` for this process.
             Ray's and Serve's own processes take the level they were started with.
+        proxy_location: where Serve runs its HTTP proxy: ``"HeadOnly"`` (default) or ``"EveryNode"``
+            (Ray Serve's names). On a cluster whose Spark executors run on Ray nodes, ``"EveryNode"``
+            with ``http_host="0.0.0.0"`` lets each executor reach the proxy of its own node at the
+            endpoint ``http://127.0.0.1:<port>`` (the endpoint ``init`` returns), so no executor's rows
+            go through another node's proxy. Only used when this call starts Serve.
 
     Returns:
         ClusterInfo with the Ray address and the HTTP endpoint.
@@ -172,6 +178,8 @@ def init(
 
     level = _set_log_level(log_level)
     token = _check_auth(http_host, auth_token)
+    if proxy_location not in PROXY_LOCATIONS:
+        raise ConfigError(bad_value("proxy_location", proxy_location, f"use one of {', '.join(PROXY_LOCATIONS)}"))
     if _state["info"] is not None and ray.is_initialized():
         if token:
             transport.set_auth_token(token)
@@ -218,7 +226,7 @@ def init(
             "Pass None for an embedded local Ray, or the address of a running cluster."
         ) from exc
 
-    endpoint = _start_serve(http_host, http_port, token)
+    endpoint = _start_serve(http_host, http_port, token, proxy_location)
     transport.set_auth_token(token)
     if token:
         # Spark's Python workers (local mode) inherit the driver's environment: they send it too.
@@ -237,6 +245,10 @@ def init(
         _record_embedded(info.ray_address)  # now that Serve is up: other drivers join a complete cluster
     logger.info("byzerllm_spark: Ray at %s, Serve endpoint %s", info.ray_address, info.endpoint)
     return info
+
+
+#: Ray Serve's proxy locations that ``init(proxy_location=)`` takes.
+PROXY_LOCATIONS = ("HeadOnly", "EveryNode")
 
 
 def _check_auth(http_host: str, auth_token: str | None) -> str | None:
@@ -265,7 +277,8 @@ def _check_auth(http_host: str, auth_token: str | None) -> str | None:
 auth_token = transport.auth_token
 
 
-def _start_serve(http_host: str, http_port: int | None, token: str | None = None) -> str:
+def _start_serve(http_host: str, http_port: int | None, token: str | None = None,
+                 proxy_location: str = "HeadOnly") -> str:
     from ray import serve
 
     # Importing ray.serve sets its driver-side logger to INFO ("Connecting to existing Serve app...").
@@ -289,7 +302,7 @@ def _start_serve(http_host: str, http_port: int | None, token: str | None = None
         http_port = _free_port(http_host)
     for attempt in range(3):
         try:
-            serve.start(proxy_location="HeadOnly", http_options={"host": http_host, "port": http_port},
+            serve.start(proxy_location=proxy_location, http_options={"host": http_host, "port": http_port},
                         logging_config=serve_logging_config())
             break
         except Exception as exc:

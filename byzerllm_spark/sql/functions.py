@@ -67,15 +67,27 @@ def check_python(spark=None) -> None:
         missing = [m for m in ("pyarrow", "byzerllm_spark") if importlib.util.find_spec(m) is None]
         return executor_sys.executable, missing
 
-    try:
-        executable, missing = context.parallelize([0], 1).map(probe).first()
-    except Exception as exc:
-        executable, missing = configured or "python3", [f"a working pyspark worker ({str(exc).splitlines()[0][:200]})"]
+    def run_probe() -> tuple[str, list[str]]:
+        try:
+            return context.parallelize([0], 1).map(probe).first()
+        except Exception as exc:
+            return context.pythonExec, [f"a working pyspark worker ({str(exc).splitlines()[0][:200]})"]
+
+    executable, missing = run_probe()
+    if missing and not configured and context.pythonExec != sys.executable:
+        # Nothing chose the executors' Python: the driver's own interpreter, where executors have the same
+        # path (a shared image or file system), is what the user meant.
+        default, context.pythonExec = context.pythonExec, sys.executable
+        executable, missing = run_probe()
+        if missing:
+            context.pythonExec = default
     if missing:
         raise ConfigError(
             f"Spark's executors run Python {executable!r}, which lacks {', '.join(missing)}: the model functions "
-            "cannot run there. Set spark.pyspark.python (or PYSPARK_PYTHON / spark.executorEnv.PYSPARK_PYTHON) "
-            "to an interpreter with byzerllm-spark installed on every executor"
+            "cannot run there. Point them at an interpreter with byzerllm-spark installed on every executor: "
+            "PYSPARK_PYTHON=/path/to/python in the driver's environment before its SparkSession starts, or "
+            "spark-submit --conf spark.pyspark.python=/path/to/python (set in a SparkSession's builder, "
+            "spark.pyspark.python does not reach the executors of a running driver)"
         )
     _python_checked.add(id(context))
 

@@ -1,0 +1,49 @@
+"""Beyond one machine: a real two-node Ray cluster and a Spark standalone cluster (tests/_multinode.py),
+a driver on the node that is not the Ray head, workers on both nodes, every Spark executor through the
+Serve proxy of its own node, and a node's worker killed mid-query with every row answered once."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import _multinode
+
+pytestmark = pytest.mark.slow
+
+DRIVER = Path(__file__).with_name("_multinode_driver.py")
+
+
+@pytest.fixture(scope="module")
+def two_nodes():
+    why = _multinode.unavailable()
+    if why:
+        pytest.skip(f"no two-node cluster on this machine: {why}")
+    cluster = _multinode.Cluster()
+    try:
+        cluster.start()
+        cluster.wait_ray_nodes(2)
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def test_a_query_from_a_standalone_spark_cluster_across_two_ray_nodes(two_nodes):
+    done = two_nodes.run_python("b", str(DRIVER), two_nodes.ray_address, two_nodes.spark_master,
+                                two_nodes.nodes["b"][1])
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert done.returncode == 0 and lines, done.stdout[-3000:] + done.stderr[-5000:]
+    seen = json.loads(lines[-1][len("RESULT "):])
+    node_a, node_b = two_nodes.nodes["a"][1], two_nodes.nodes["b"][1]
+    # The driver joined a cluster whose head is another host; each node's proxy is at its own loopback.
+    assert seen["embedded"] is False and seen["endpoint"].startswith("http://127.0.0.1:")
+    assert seen["worker_nodes"] == sorted([node_a, node_b])          # num_workers=2 spread over both
+    assert seen["pinned_nodes"] == [node_a]                          # resources={"node_a": ...}
+    assert seen["executor_nodes"] == sorted([node_a, node_b])        # executors on both Spark workers
+    # Every row answered once and right, although node a's worker was killed mid-query.
+    assert seen["killed"] == node_a
+    assert seen["error"] is None and seen["rows"] == 20000
+    assert seen["ids_once"] and seen["all_right"]
+    assert seen["stat_workers"] == 2
