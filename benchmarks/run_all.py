@@ -42,6 +42,7 @@ BENCHES = {
     "finetune": ["bench_finetune.py"],
     "model_table": ["bench_model_table.py"],
     "cache": ["bench_cache.py"],
+    "structured": ["bench_structured.py"],
 }
 
 

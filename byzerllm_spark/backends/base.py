@@ -75,12 +75,12 @@ def check_structured(request: "ChatRequest", result: ChatResult) -> ChatResult:
     return ChatResult(response=result.response, error=why, metadata={**result.metadata, "http_status": "502"})
 
 
-def prompt_messages(request: "ChatRequest") -> list[dict[str, str]]:
-    """The request's messages as a local engine prompts them: with a ``response_format``, its
+def prompt_messages(request: "ChatRequest", hint: bool = True) -> list[dict[str, str]]:
+    """The request's messages as a local engine prompts them: with a ``response_format`` (and ``hint``), its
     :meth:`~byzerllm_spark.protocol.structured.ResponseFormat.hint` ends the system message."""
     messages = request.messages()
     fmt = request.response_format
-    if fmt is None:
+    if fmt is None or not hint:
         return messages
     if messages[0]["role"] == "system":
         messages[0] = {"role": "system", "content": messages[0]["content"] + "\n\n" + fmt.hint()}

@@ -176,7 +176,9 @@ class TransformersBackend(Backend):
 
     # ---- prompts ------------------------------------------------------------------------
     def prompt(self, req) -> str:
-        messages = prompt_messages(req)
+        # No schema hint in the prompt: llguidance's compact JSON alone kept every answer of the tests
+        # within max_length, and the hint's extra prompt tokens cost more here than on llama.cpp.
+        messages = prompt_messages(req, hint=False)
         if getattr(self.tokenizer, "chat_template", None):
             return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         # No chat template: Byzer-LLM's role names (user_role, assistant_role) build a plain transcript.
