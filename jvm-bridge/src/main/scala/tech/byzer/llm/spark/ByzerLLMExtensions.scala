@@ -133,7 +133,7 @@ object Functions {
     val registry = org.apache.spark.sql.classic.SparkSession.active.sessionState.functionRegistry
     deployed(sessionSettings()).map { case (name, model) =>
       val (id, exprInfo, builder) = modelEntry(name, model)
-      registry.createOrReplaceTempFunction(name, builder, "scala")
+      registry.createOrReplaceTempFunction(name, builder, "scala_udf")
       name
     }
   }
