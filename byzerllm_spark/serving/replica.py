@@ -416,6 +416,8 @@ class ModelWorker:
             pid=os.getpid(),
             load_seconds=self._load_seconds,
             model=self.config.model,
+            # The SQL function name the deploy asked for: the JVM bridge registers the model under it.
+            udf_name=self.config.udf_name,
             # The most workers the model can have (max_workers when autoscaling): the Spark functions
             # keep that many slots' worth of requests in flight, so a busy model is seen to need more.
             num_workers=self.config.most_workers,
