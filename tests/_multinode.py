@@ -85,6 +85,9 @@ class Cluster:
         head_ns, head_ip = self.nodes["a"]
         self._run(head_ns, "ray-a", [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address", head_ip,
                                      "--port", str(RAY_PORT), "--num-cpus", "1", "--resources", '{"node_a": 1}',
+                                     # Not /tmp/ray: its ray_current_cluster file would send every later
+                                     # plain ray.init() on this machine to this (then gone) cluster.
+                                     "--temp-dir", str(self.logs / "ray-a"),
                                      "--include-dashboard", "false", "--disable-usage-stats"])
         self._run(head_ns, "spark-master", [str(SPARK_HOME / "bin" / "spark-class"),
                                             "org.apache.spark.deploy.master.Master", "--host", head_ip,
@@ -94,6 +97,7 @@ class Cluster:
         ns_b, ip_b = self.nodes["b"]
         self._run(ns_b, "ray-b", [str(VENV_BIN / "ray"), "start", "--block", "--address", self.ray_address,
                                   "--node-ip-address", ip_b, "--num-cpus", "1", "--resources", '{"node_b": 1}',
+                                  "--temp-dir", str(self.logs / "ray-b"),
                                   "--disable-usage-stats"])
         self._wait_port(head_ns, head_ip, SPARK_PORT, "the Spark master")
         for name, (ns, address) in self.nodes.items():
@@ -102,6 +106,7 @@ class Cluster:
                                                    "--host", address, "--cores", "1", "--memory", "1g",
                                                    "--webui-port", "0"],
                       SPARK_LOCAL_IP=address, SPARK_WORKER_DIR=str(self.logs / f"work-{name}"))
+        self.wait_log("ray-b", "Ray runtime started")  # node b's raylet is up: a driver may run there
         return self
 
     def _run(self, ns: str, name: str, command: list[str], **env: str) -> None:
@@ -119,18 +124,15 @@ class Cluster:
             time.sleep(1)
         raise RuntimeError(f"{what} did not listen on {address}:{port} within {seconds:g}s; logs in {self.logs}")
 
-    def wait_ray_nodes(self, count: int, seconds: float = 120) -> None:
-        """Until ``count`` Ray nodes are alive (asked from node b's namespace)."""
-        probe = ("import ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR', log_to_driver=False); "
-                 "print(sum(1 for n in ray.nodes() if n['Alive']))")
+    def wait_log(self, name: str, text: str, seconds: float = 180) -> None:
+        """Until the log of what :meth:`start` started as ``name`` says ``text``."""
+        path = self.logs / f"{name}.log"
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
-            done = subprocess.run(["ip", "netns", "exec", self.nodes["b"][0], sys.executable, "-c", probe,
-                                   self.ray_address], capture_output=True, text=True, env=self.env)
-            if done.returncode == 0 and done.stdout.strip().splitlines()[-1:] == [str(count)]:
+            if text in path.read_text(errors="replace"):
                 return
-            time.sleep(2)
-        raise RuntimeError(f"{count} Ray nodes were not alive within {seconds:g}s; logs in {self.logs}")
+            time.sleep(0.5)
+        raise RuntimeError(f"{name} did not say {text!r} within {seconds:g}s; logs in {self.logs}")
 
     def run_python(self, node: str, script: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
         """``python script args`` on a node (inside its network namespace)."""

@@ -37,6 +37,9 @@ def main() -> None:
     info = bls.init(ray_address=ray_address, http_host="0.0.0.0", auth_token=token, proxy_location="EveryNode")
     seen["endpoint"] = info.endpoint
     seen["embedded"] = info.embedded
+    deadline = time.monotonic() + 120  # node b's raylet registers with the head a little after it starts
+    while sum(1 for n in ray.nodes() if n["Alive"]) < 2 and time.monotonic() < deadline:
+        time.sleep(1)
     bls.deploy("mn_echo", pretrained_model_type="custom/echo", num_workers=2, cpus_per_worker=0.5,
                infer_params={"echo_delay_ms": "0.2"})
     seen["worker_nodes"] = sorted(w["node_ip"] for w in bls.workers("mn_echo"))

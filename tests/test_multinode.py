@@ -23,9 +23,7 @@ def two_nodes():
         pytest.skip(f"no two-node cluster on this machine: {why}")
     cluster = _multinode.Cluster()
     try:
-        cluster.start()
-        cluster.wait_ray_nodes(2)
-        yield cluster
+        yield cluster.start()
     finally:
         cluster.stop()
 
