@@ -337,9 +337,9 @@ def register_model_function(spark, model: str, *, udf_name: str | None = None, *
     Example:
         >>> bls.register_model_function(spark, "chat", udf_name="chat_cached", cache=True)  # doctest: +SKIP
         'chat_cached'
-        >>> bls.register_model_function(spark, "chat", udf_name="extract",
+        >>> bls.register_model_function(spark, "chat", udf_name="extract_place",
         ...                             return_type="struct<city:string, year:int>")  # doctest: +SKIP
-        >>> spark.sql("SELECT extract(llm_param(map('instruction', txt))) AS r FROM t").select("r.city")  # doctest: +SKIP
+        >>> spark.sql("SELECT extract_place(llm_param(map('instruction', txt))) AS r FROM t").select("r.city")  # doctest: +SKIP
     """
     name = udf_name or model
     fn = model_function(model, **options)
