@@ -234,3 +234,21 @@ def test_v1_and_bls_chat_honour_response_format(engines):
     assert set(json.loads(text)) == {"city", "year"}
     with pytest.raises(RequestError, match=r"response_format.type='yaml'"):
         bls.chat("so_tf", "x", response_format={"type": "yaml"})
+
+
+def test_grammar_library_stays_lazy():
+    """``import byzerllm_spark`` and parsing (and checking) a structured request load no engine or grammar
+    library: llguidance is imported by the transformers worker that constrains, llama.cpp's grammar by its."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, byzerllm_spark\n"
+        "from byzerllm_spark.protocol.request import parse_request\n"
+        f"r = parse_request({{'instruction': 'x', 'response_format': {CITY_FORMAT!r}}})\n"
+        "assert r.response_format.check('{\"city\": \"Oslo\", \"year\": 1}') is None\n"
+        "print([m for m in ('torch', 'transformers', 'llguidance', 'llama_cpp', 'pyspark') if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
