@@ -10,7 +10,7 @@ sizing (the echo plugin's preferred 5,000 rows per request). Target: ratio >= 1.
 
 Usage::
 
-    .venv/bin/python benchmarks/bench_jvm_bridge.py              # 200,000 rows, best of 2 runs each
+    .venv/bin/python benchmarks/bench_jvm_bridge.py              # 200,000 rows, best of 3 runs each
     .venv/bin/python benchmarks/bench_jvm_bridge.py --smoke      # 2,000 rows: every figure finite and > 0
 """
 
@@ -60,7 +60,7 @@ def bridge_seconds(endpoint: str, rows: int, repeat: int) -> list[float]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PYSPARK_", "SPARK_"))}
         result = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=1800)
         if result.returncode != 0:
-            raise RuntimeError(f"spark-sql failed: {result.stderr[-3000:]}")
+            raise RuntimeError(f"spark-sql failed: {result.stdout[-2000:]}{result.stderr[-3000:]}")
         counts = [line.strip() for line in result.stdout.splitlines() if line.strip().isdigit()]
         assert counts == ["1000"] + [str(rows)] * repeat, counts
         taken = [float(t) for t in re.findall(r"Time taken: ([0-9.]+) seconds", result.stderr + result.stdout)]
@@ -88,7 +88,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, default=200_000)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--repeat", type=int, default=2, help="timed runs of each path (the best counts)")
+    parser.add_argument("--repeat", type=int, default=3, help="timed runs of each path (the best counts)")
     add_smoke_flag(parser)
     args = parser.parse_args(argv)
     if args.smoke:
@@ -100,7 +100,9 @@ def run(args: argparse.Namespace, spark=None) -> None:
     import byzerllm_spark as bls
 
     own_spark = spark is None
-    with deployment(MODEL, pretrained_model_type="custom/echo", num_workers=args.workers, cpus_per_worker=0.1):
+    # udf_name: the SQL function both paths call is `chat` (the bridge reads it from the worker's info).
+    with deployment(MODEL, pretrained_model_type="custom/echo", num_workers=args.workers, cpus_per_worker=0.1,
+                    udf_name="chat"):
         # The bridge first, alone: the PySpark session's JVM is started after it, so neither competes.
         jvm = bridge_seconds(bls.endpoint(), args.rows, args.repeat)
         spark = spark_session("bench-jvm-bridge") if own_spark else spark

@@ -191,7 +191,7 @@ private[spark] class BatchIterator(
   private def answer(call: LLMCall, params: Array[Array[Byte]], size: Int): Array[Any] = {
     val body = ArrowCodec.encode(params, size)
     val result = new Array[Any](size)
-    val answers = try ArrowCodec.decode(Transport.postArrow(settings, call.model, body), size) catch {
+    val answers = try ArrowCodec.decode(Transport.postArrow(settings, call.model, body), size, !call.failOnError) catch {
       case e: BridgeRequestException if !call.failOnError && !e.getMessage.contains("is not deployed") =>
         // The request failed after its retries: every non-null row gets the error.
         val msg = UTF8String.fromString(e.getMessage)

@@ -205,7 +205,9 @@ object ArrowCodec {
     } finally alloc.close()
   }
 
-  def decode(body: Array[Byte], expected: Int): Answers = {
+  /** `withMetadata = false` leaves `metadata` null: the text form of a model function does not return it,
+   *  and a map a row is most of the decoding's cost. */
+  def decode(body: Array[Byte], expected: Int, withMetadata: Boolean = true): Answers = {
     val response = new Array[UTF8String](expected)
     val error = new Array[UTF8String](expected)
     val metadata = new Array[MapData](expected)
@@ -229,7 +231,7 @@ object ArrowCodec {
           while (i < n) {
             if (!r.isNull(i)) response(row + i) = UTF8String.fromBytes(r.get(i))
             if (!e.isNull(i)) error(row + i) = UTF8String.fromBytes(e.get(i))
-            if (!m.isNull(i)) {
+            if (withMetadata && !m.isNull(i)) {
               val start = m.getElementStartIndex(i)
               val end = m.getElementEndIndex(i)
               val ks = new Array[Any](end - start)
