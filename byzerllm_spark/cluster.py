@@ -24,6 +24,7 @@ from .settings import (
     AUTH_TOKEN_ENV,
     DEFAULT_HTTP_PORT,
     KV_ENDPOINT,
+    KV_FALLBACK_ENDPOINT,
     LOOPBACK_HOSTS,
     MIN_TOKEN_LENGTH,
     NAMESPACE,
@@ -42,6 +43,9 @@ class ClusterInfo:
     endpoint: str
     embedded: bool
     dashboard_url: str | None = None
+    #: The head's proxy, for executors whose host runs no Serve proxy (``proxy_location="EveryNode"``
+    #: with ``http_host="0.0.0.0"``: the endpoint is then each host's own loopback); else None.
+    fallback_endpoint: str | None = None
 
 
 _state: dict[str, Any] = {"info": None, "started_ray": False, "ray_on_spark": None}
@@ -226,7 +230,7 @@ def init(
             "Pass None for an embedded local Ray, or the address of a running cluster."
         ) from exc
 
-    endpoint = _start_serve(http_host, http_port, token, proxy_location)
+    endpoint, fallback = _start_serve(http_host, http_port, token, proxy_location)
     transport.set_auth_token(token)
     if token:
         # Spark's Python workers (local mode) inherit the driver's environment: they send it too.
@@ -239,6 +243,7 @@ def init(
         endpoint=endpoint,
         embedded=embedded,
         dashboard_url=f"http://{dashboard}" if dashboard else None,
+        fallback_endpoint=fallback,
     )
     _state["info"] = info
     if shared and embedded and context is not None:
@@ -278,7 +283,8 @@ auth_token = transport.auth_token
 
 
 def _start_serve(http_host: str, http_port: int | None, token: str | None = None,
-                 proxy_location: str = "HeadOnly") -> str:
+                 proxy_location: str = "HeadOnly") -> tuple[str, str | None]:
+    """Start Serve (or find it started): ``(endpoint, fallback endpoint or None)``, see ClusterInfo."""
     from ray import serve
 
     # Importing ray.serve sets its driver-side logger to INFO ("Connecting to existing Serve app...").
@@ -294,7 +300,8 @@ def _start_serve(http_host: str, http_port: int | None, token: str | None = None
                 + ("with another token" if required else "without a token (open on loopback only)")
                 + "; pass the token it was started with, or none"
             )
-        return existing.decode()
+        fallback = _kv.get(KV_FALLBACK_ENDPOINT)
+        return existing.decode(), fallback.decode() if fallback else None
     auth.publish(token)  # before any replica starts: each reads it once
     if http_port is None:
         http_port = DEFAULT_HTTP_PORT if _port_free(http_host, DEFAULT_HTTP_PORT) else _free_port(http_host)
@@ -313,8 +320,16 @@ def _start_serve(http_host: str, http_port: int | None, token: str | None = None
             logger.warning("Serve did not start (%s); retrying", str(exc).splitlines()[0])
             time.sleep(2)
     endpoint = f"http://{'127.0.0.1' if http_host in ('0.0.0.0', 'localhost') else http_host}:{http_port}"
+    fallback = None
+    if proxy_location == "EveryNode" and http_host in ("0.0.0.0", "::"):
+        import ray
+
+        # The controller's node, the head, always runs a proxy; other nodes only while they hold a worker.
+        head_ip = ray.get_runtime_context().gcs_address.rsplit(":", 1)[0]
+        fallback = f"http://{head_ip}:{http_port}"
+        _kv.put(KV_FALLBACK_ENDPOINT, fallback.encode())
     _kv.put(KV_ENDPOINT, endpoint.encode())
-    return endpoint
+    return endpoint, fallback
 
 
 def _serve_running() -> bool:
@@ -361,9 +376,11 @@ def ensure_init() -> ClusterInfo:
 def endpoint() -> str:
     """Base URL of the HTTP endpoint, e.g. ``http://127.0.0.1:8000``.
 
-    Models answer at ``{endpoint}/{model}/arrow`` (see the README's Arrow contract).
+    Models answer at ``{endpoint}/{model}/arrow`` (see the README's Arrow contract). With
+    ``proxy_location="EveryNode"`` it is this host's own proxy, or the head's where this host runs none.
     """
-    return ensure_init().endpoint
+    info = ensure_init()
+    return transport.local_or_fallback(info.endpoint, info.fallback_endpoint)
 
 
 def shutdown() -> None:

@@ -47,6 +47,8 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 #: Keys of this library in Ray's KV store (namespace ``NAMESPACE``).
 KV_ENDPOINT = b"byzerllm_spark/endpoint"
+#: The head's proxy where the endpoint is each node's own (``cluster.ClusterInfo.fallback_endpoint``).
+KV_FALLBACK_ENDPOINT = b"byzerllm_spark/fallback_endpoint"
 KV_AUTH_DIGEST = b"byzerllm_spark/auth_sha256"
 
 

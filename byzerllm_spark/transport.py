@@ -43,6 +43,33 @@ _local = threading.local()
 _token: dict[str, str | None] = {"value": None}
 
 
+_reachable: dict[tuple[str, str], str] = {}
+
+
+def local_or_fallback(endpoint: str, fallback: str | None) -> str:
+    """``endpoint`` when something listens there, else ``fallback`` (once per process and pair).
+
+    A cluster started with ``proxy_location="EveryNode"`` gives its executors the endpoint
+    ``http://127.0.0.1:<port>``: their own node's Serve proxy. Serve runs a proxy only on the head and
+    on nodes that hold a worker of some model, so an executor on another node sends to the head's
+    proxy (``fallback``) instead.
+    """
+    if not fallback or fallback == endpoint:
+        return endpoint
+    key = (endpoint, fallback)
+    if key not in _reachable:
+        import socket
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(endpoint)
+        try:
+            socket.create_connection((parts.hostname, parts.port or 80), timeout=2).close()
+            _reachable[key] = endpoint
+        except OSError:
+            _reachable[key] = fallback
+    return _reachable[key]
+
+
 def set_auth_token(token: str | None) -> None:
     """Use ``token`` for every request of this process from now on (None: fall back to the environment)."""
     _token["value"] = token

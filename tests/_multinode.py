@@ -61,6 +61,7 @@ class Cluster:
                     "PYSPARK_PYTHON": sys.executable, "RAY_USAGE_STATS_ENABLED": "0"}
         self.env.pop("RAY_ADDRESS", None)
         self._procs: list[subprocess.Popen] = []
+        self._names: list[str] = []
 
     @property
     def ray_address(self) -> str:
@@ -111,6 +112,7 @@ class Cluster:
 
     def _run(self, ns: str, name: str, command: list[str], **env: str) -> None:
         log = open(self.logs / f"{name}.log", "w")
+        self._names.append(name)
         self._procs.append(subprocess.Popen(["ip", "netns", "exec", ns, *command], env={**self.env, **env},
                                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
 
@@ -124,15 +126,23 @@ class Cluster:
             time.sleep(1)
         raise RuntimeError(f"{what} did not listen on {address}:{port} within {seconds:g}s; logs in {self.logs}")
 
-    def wait_log(self, name: str, text: str, seconds: float = 180) -> None:
-        """Until the log of what :meth:`start` started as ``name`` says ``text``."""
+    def wait_log(self, name: str, text: str, seconds: float = 300) -> None:
+        """Until the log of what :meth:`start` started as ``name`` says ``text``.
+
+        Raises:
+            RuntimeError: it exited, or did not say it in time; with the end of its log.
+        """
         path = self.logs / f"{name}.log"
+        proc = self._procs[self._names.index(name)]
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
-            if text in path.read_text(errors="replace"):
+            log = path.read_text(errors="replace")
+            if text in log:
                 return
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited ({proc.returncode}) before saying {text!r}:\n{log[-3000:]}")
             time.sleep(0.5)
-        raise RuntimeError(f"{name} did not say {text!r} within {seconds:g}s; logs in {self.logs}")
+        raise RuntimeError(f"{name} did not say {text!r} within {seconds:g}s:\n{path.read_text(errors='replace')[-3000:]}")
 
     def run_python(self, node: str, script: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
         """``python script args`` on a node (inside its network namespace)."""

@@ -254,11 +254,13 @@ def model_function(
         spec = CacheSpec.parse(cache, "cache")
         cache_header = "off" if spec is None else spec.header()
     retry_seconds = transport.retry_seconds(retry_seconds)  # read on the driver: executors use the same
+    fallback = None
     if endpoint is None:
-        from ..cluster import endpoint as cluster_endpoint
+        from ..cluster import ensure_init
 
-        endpoint = cluster_endpoint()
-    info = transport.get_json(endpoint, model, "info")
+        cluster_info = ensure_init()
+        endpoint, fallback = cluster_info.endpoint, cluster_info.fallback_endpoint
+    info = transport.get_json(transport.local_or_fallback(endpoint, fallback), model, "info")
     if batch_size is None:
         batch_size = int(info.get("preferred_batch_size", DEFAULT_BATCH_SIZE))
     check_int("batch_size", batch_size, 1, 256)
@@ -276,10 +278,14 @@ def model_function(
     )
     if cache_header is not None:
         options["cache_header"] = cache_header
+    if fallback is not None:
+        options["fallback_endpoint"] = fallback
     if info.get("embedding"):
         if return_type is not None:
             raise ConfigError(bad_value("return_type", return_type, f"model {model!r} computes embeddings "
                                         "(array<float>): leave return_type out, or call a chat model"))
+
+        options.pop("cache_header", None)  # embeddings are not cached
 
         def embed_fn(batches):
             return run_embeddings(batches, **options)

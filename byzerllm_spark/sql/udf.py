@@ -123,15 +123,19 @@ def as_request_json(array):
 
 
 def run_requests(batches, *, model, endpoint, batch_size, concurrency, timeout, max_retries, fail_on_error,
-                 stats=None, retry_seconds=None, cache_header=None, structured=None):
+                 stats=None, retry_seconds=None, cache_header=None, structured=None, fallback_endpoint=None):
     """``structured``: ``(response_format JSON, Spark type)`` of a typed model function (``return_type``):
-    each row asks for that format and its answer is returned as a value of that type."""
+    each row asks for that format and its answer is returned as a value of that type.
+    ``fallback_endpoint``: where to send when nothing listens at ``endpoint`` on this executor's host
+    (:func:`..transport.local_or_fallback`)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
     from ..protocol import arrow
     from ..settings import CACHE_HEADER
-    from ..transport import last_retries, post_arrow
+    from ..transport import last_retries, local_or_fallback, post_arrow
+
+    endpoint = local_or_fallback(endpoint, fallback_endpoint)
 
     headers = {CACHE_HEADER: cache_header} if cache_header else None
 
@@ -211,11 +215,13 @@ def run_requests(batches, *, model, endpoint, batch_size, concurrency, timeout, 
 
 
 def run_embeddings(batches, *, model, endpoint, batch_size, concurrency, timeout, max_retries, fail_on_error,
-                   stats=None, retry_seconds=None):
+                   stats=None, retry_seconds=None, fallback_endpoint=None):
     import pyarrow as pa
 
     from ..protocol import arrow
-    from ..transport import last_retries, post_arrow
+    from ..transport import last_retries, local_or_fallback, post_arrow
+
+    endpoint = local_or_fallback(endpoint, fallback_endpoint)
 
     def submit(chunk):
         if pa.types.is_large_string(chunk.type):
