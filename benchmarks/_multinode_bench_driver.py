@@ -18,7 +18,7 @@ def main() -> None:
 
     ray_address, master, driver_ip, rows, workers, repeat = sys.argv[1:7]
     rows, workers, repeat = int(rows), int(workers), int(repeat)
-    token = "multinode-bench-token-0123456789"
+    token = "multinode-test-token-0123456789"  # the same as tests/_multinode_driver.py: one Serve, one token
     bls.init(ray_address=ray_address, http_host="0.0.0.0", auth_token=token, proxy_location="EveryNode")
     deadline = time.monotonic() + 120
     while sum(1 for n in ray.nodes() if n["Alive"]) < 2 and time.monotonic() < deadline:

@@ -43,6 +43,21 @@ def main() -> None:
     bls.deploy("mn_echo", pretrained_model_type="custom/echo", num_workers=2, cpus_per_worker=0.5,
                infer_params={"echo_delay_ms": "0.2"})
     seen["worker_nodes"] = sorted(w["node_ip"] for w in bls.workers("mn_echo"))
+    # From a model table: each node's worker materialises it into its own cache (the table is on this
+    # machine's disk, which both "hosts" see, as a shared store would be on a real cluster).
+    import os
+    import tempfile
+
+    model_dir = tempfile.mkdtemp(prefix="mn-model-")
+    with open(os.path.join(model_dir, "weights.bin"), "wb") as f:
+        f.write(os.urandom(1 << 20))
+    table = os.path.join(tempfile.mkdtemp(prefix="mn-table-"), "echo_model")
+    bls.save_model_table(model_dir, table)
+    bls.deploy("mn_table", pretrained_model_type="custom/echo", model_table=table, num_workers=2,
+               cpus_per_worker=0.3)  # 0.5 + 0.3 x 2 does not fit one node (1 CPU each): one per node
+    seen["table_nodes"] = sorted(w["node_ip"] for w in bls.workers("mn_table"))
+    seen["table_answer"] = bls.chat("mn_table", "from a table")
+    bls.undeploy("mn_table")
     # Pinned by a node's custom resource (Byzer-LLM's `resource.<node>`): the worker lands on that node.
     bls.deploy("mn_pinned", pretrained_model_type="custom/echo", cpus_per_worker=0.1, resources={"node_a": 0.5})
     seen["pinned_nodes"] = [w["node_ip"] for w in bls.workers("mn_pinned")]
@@ -87,7 +102,7 @@ def main() -> None:
     seen["ids_once"] = sorted(r.id for r in rows) == list(range(ROWS))
     seen["all_right"] = all(r.a == str(r.id) for r in rows)
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and len({w["node_ip"] for w in bls.workers("mn_echo")}) < 2:
+    while time.monotonic() < deadline and len(bls.workers("mn_echo")) < 2:  # the killed worker's replacement
         time.sleep(1)
     stat = bls.stat("mn_echo")
     seen["stat_workers"] = stat["total_workers"]

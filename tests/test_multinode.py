@@ -60,6 +60,8 @@ def test_a_query_from_a_standalone_spark_cluster_across_two_ray_nodes(two_nodes)
     assert seen["embedded"] is False and seen["endpoint"].startswith("http://127.0.0.1:")
     assert seen["worker_nodes"] == sorted([node_a, node_b])          # num_workers=2 spread over both
     assert seen["pinned_nodes"] == [node_a]                          # resources={"node_a": ...}
+    assert seen["table_nodes"] == sorted([node_a, node_b])           # a model table, loaded on each node
+    assert seen["table_answer"] == "from a table"
     assert seen["executor_nodes"] == sorted([node_a, node_b])        # executors on both Spark workers
     # Every row answered once and right, although node a's worker was killed mid-query.
     assert seen["killed"] == node_a
