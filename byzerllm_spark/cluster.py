@@ -163,8 +163,9 @@ def init(
         proxy_location: where Serve runs its HTTP proxy: ``"HeadOnly"`` (default) or ``"EveryNode"``
             (Ray Serve's names). On a cluster whose Spark executors run on Ray nodes, ``"EveryNode"``
             with ``http_host="0.0.0.0"`` lets each executor reach the proxy of its own node at the
-            endpoint ``http://127.0.0.1:<port>`` (the endpoint ``init`` returns), so no executor's rows
-            go through another node's proxy. Only used when this call starts Serve.
+            endpoint ``http://127.0.0.1:<port>`` (the endpoint ``init`` returns). Serve runs proxies on
+            the head and on the nodes that hold a worker; an executor or driver whose host has none uses
+            the head's proxy (``ClusterInfo.fallback_endpoint``). Only used when this call starts Serve.
 
     Returns:
         ClusterInfo with the Ray address and the HTTP endpoint.
@@ -328,6 +329,8 @@ def _start_serve(http_host: str, http_port: int | None, token: str | None = None
         head_ip = ray.get_runtime_context().gcs_address.rsplit(":", 1)[0]
         fallback = f"http://{head_ip}:{http_port}"
         _kv.put(KV_FALLBACK_ENDPOINT, fallback.encode())
+    else:
+        _kv.delete(KV_FALLBACK_ENDPOINT)  # one left by an earlier Serve of this Ray cluster
     _kv.put(KV_ENDPOINT, endpoint.encode())
     return endpoint, fallback
 
