@@ -112,6 +112,20 @@ def problems_of(bench: str, results: list[dict]) -> list[str]:
     return bad_figures(results) if results else [f"{bench}: no figure was recorded"]
 
 
+def main_on_ray(bench: str, parse_args: Callable, run: Callable) -> None:
+    """A bench script's ``main()``: an embedded Ray and Serve around ``run(parse_args())``, then
+    :func:`finish` (the benches whose ``run`` needs neither Spark nor set-up of their own)."""
+    import byzerllm_spark as bls
+
+    args = parse_args()
+    bls.init(http_port=0, include_dashboard=False)
+    try:
+        run(args)
+    finally:
+        bls.shutdown()
+    finish(bench)
+
+
 def finish(bench: str) -> None:
     """End of a benchmark run: record the figures for run_all, and exit 1 naming every bad one."""
     path = os.environ.get(RESULTS_ENV)

@@ -30,7 +30,7 @@ os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # Spark's Python worker
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from _common import add_smoke_flag, deployment, finish, report, spark_session  # noqa: E402
+from _common import add_smoke_flag, deployment, main_on_ray, report, spark_session  # noqa: E402
 
 MODEL = "bench_bridge"
 JAR = os.path.join(ROOT, "jvm-bridge", "target", "byzerllm-spark-bridge.jar")
@@ -119,15 +119,7 @@ def run(args: argparse.Namespace, spark=None) -> None:
 
 
 def main() -> None:
-    import byzerllm_spark as bls
-
-    args = parse_args()
-    bls.init(http_port=0, include_dashboard=False)
-    try:
-        run(args)
-    finally:
-        bls.shutdown()
-    finish("bench_jvm_bridge")
+    main_on_ray("bench_jvm_bridge", parse_args, run)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # Spark's Python worker
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from _common import add_smoke_flag, deployment, finish, report, spark_session  # noqa: E402
+from _common import add_smoke_flag, deployment, main_on_ray, report, spark_session  # noqa: E402
 
 
 def start_upstream(latency_ms: float) -> tuple[subprocess.Popen, str]:
@@ -173,15 +173,7 @@ def run(args: argparse.Namespace, spark=None) -> None:
 
 
 def main() -> None:
-    import byzerllm_spark as bls
-
-    args = parse_args()
-    bls.init(http_port=0, include_dashboard=False)
-    try:
-        run(args)
-    finally:
-        bls.shutdown()
-    finish("bench_saas")
+    main_on_ray("bench_saas", parse_args, run)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from _common import add_smoke_flag, deployment, finish, report  # noqa: E402
+from _common import add_smoke_flag, deployment, main_on_ray, report  # noqa: E402
 
 SCHEMA = {"type": "object", "properties": {"city": {"type": "string"}, "year": {"type": "integer"}},
           "required": ["city", "year"], "additionalProperties": False}
@@ -96,15 +96,7 @@ def run(args: argparse.Namespace, spark=None) -> None:
 
 
 def main() -> None:
-    import byzerllm_spark as bls
-
-    args = parse_args()
-    bls.init(http_port=0, include_dashboard=False)
-    try:
-        run(args)
-    finally:
-        bls.shutdown()
-    finish("bench_structured")
+    main_on_ray("bench_structured", parse_args, run)
 
 
 if __name__ == "__main__":
