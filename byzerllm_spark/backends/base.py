@@ -141,6 +141,17 @@ class Backend(abc.ABC):
     async def embed_batch(self, texts: list[str]) -> list[list[float]]:
         raise NotImplementedError(f"backend {self.name!r} does not compute embeddings")
 
+    async def count_tokens(self, texts: list[str]) -> list[int]:
+        """The number of tokens of each text with the model's own tokenizer: the text alone, without the chat
+        template or special tokens (a request adds those, the same few per row), and without generating.
+        The ``tokenize`` route and ``llm_count_tokens`` call this.
+
+        Raises:
+            NotImplementedError: the engine has no tokenizer here; the message says what to use instead.
+        """
+        raise NotImplementedError(f"backend {self.name!r} has no tokenizer to count with; count with a model "
+                                  "deployed with infer_backend='transformers' or 'llama_cpp' of the same family")
+
     def info(self) -> dict[str, Any]:
         return {"backend": self.name, "model_dir": self.model_dir}
 

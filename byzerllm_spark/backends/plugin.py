@@ -149,6 +149,22 @@ class PluginBackend(Backend):
             if self._lock is not None:
                 self._lock.release()
 
+    async def count_tokens(self, texts: list[str]) -> list[int]:
+        """The module's ``count_tokens(model, tokenizer, texts)`` if it has one, else a Hugging Face style
+        tokenizer returned by ``init_model``."""
+        fn = getattr(self.module, "count_tokens", None)
+        if fn is not None:
+            return [int(n) for n in await asyncio.to_thread(fn, self.model, self.tokenizer, list(texts))]
+        if callable(self.tokenizer) and hasattr(self.tokenizer, "encode"):
+            from .transformers_backend import TokenCounter
+
+            if getattr(self, "_counter", None) is None:
+                self._counter = TokenCounter(self.tokenizer)
+            return await asyncio.to_thread(self._counter, texts)
+        raise NotImplementedError(
+            f"{self.name} has no tokenizer to count with: its init_model returned none, and the module has no "
+            "count_tokens(model, tokenizer, texts); add one, or count with a transformers or llama_cpp model")
+
     async def embed_batch(self, texts):
         fn = getattr(self.module, "embed", None)
         if fn is not None:

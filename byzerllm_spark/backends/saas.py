@@ -451,6 +451,37 @@ class SaasBackend(Backend):
             raise SaasError(self._describe(f"{len(vectors)} embeddings for {len(texts)} texts"), 502, 0)
         return vectors
 
+    async def count_tokens(self, texts: list[str]) -> list[int]:
+        """Tokens by tiktoken's encoding of ``saas.model`` (OpenAI's models): a vendor has no route that counts
+        without generating, so this is the count where tiktoken knows the model, and an error elsewhere."""
+        encoding = self._encoding()
+        return [len(encoding.encode(t, disallowed_special=())) for t in texts]
+
+    def _encoding(self):
+        encoding = getattr(self, "_tiktoken", None)
+        if encoding is not None:
+            return encoding
+        model = self.options.model
+        try:
+            import tiktoken
+        except ImportError:
+            raise NotImplementedError(f"counting tokens of {self.name} model {model!r} needs tiktoken (OpenAI's "
+                                      "tokenizer): pip install tiktoken on the Ray workers") from None
+        try:
+            name = tiktoken.encoding_name_for_model(model)
+        except KeyError:
+            raise NotImplementedError(f"tiktoken does not know the tokenizer of {self.name} model {model!r} (it knows "
+                                      "OpenAI's models): count with a local model of the same family "
+                                      "(infer_backend='transformers' or 'llama_cpp')") from None
+        try:
+            self._tiktoken = tiktoken.get_encoding(name)
+        except Exception as exc:  # its files come from the internet on first use, then from its cache
+            raise NotImplementedError(
+                f"tiktoken cannot load encoding {name!r} of {self.name} model {model!r} ({type(exc).__name__}: "
+                f"{str(exc)[:200]}): it downloads the encoding on first use; on a worker without internet put the "
+                "file in a folder named by TIKTOKEN_CACHE_DIR") from None
+        return self._tiktoken
+
     def info(self) -> dict[str, Any]:
         return {
             "backend": self.name,

@@ -118,6 +118,29 @@ def _import_llguidance():
     return llguidance
 
 
+class TokenCounter:
+    """Counts tokens with a copy of a Hugging Face tokenizer: the engine's own is in use by generation in
+    another thread, and a fast tokenizer called from two threads at once fails ("Already borrowed")."""
+
+    def __init__(self, tokenizer) -> None:
+        self._source = tokenizer
+        self._copy = None
+        self._lock = threading.Lock()
+
+    def __call__(self, texts: list[str]) -> list[int]:
+        import copy
+
+        with self._lock:
+            if self._copy is None:
+                self._copy = copy.deepcopy(self._source)
+            return [len(ids) for ids in self._copy(list(texts), add_special_tokens=False)["input_ids"]]
+
+
+def _seeded_sampling(req) -> bool:
+    """A sampled request with a ``seed``: generated alone, so that its answer never depends on its batch."""
+    return req.temperature > 0 and req.generation.get("seed") not in (None, "")
+
+
 class TransformersBackend(Backend):
     name = "transformers"
 
@@ -354,6 +377,11 @@ class TransformersBackend(Backend):
         prompt_len = enc["input_ids"].shape[1]
         result = self._result(outcome["output"][0, prompt_len:].tolist(), prompt_len, request.max_length)
         yield ChatResult(metadata=result.metadata)
+
+    async def count_tokens(self, texts: list[str]) -> list[int]:
+        if getattr(self, "_counter", None) is None:
+            self._counter = TokenCounter(self.tokenizer)
+        return await asyncio.to_thread(self._counter, texts)
 
     def info(self) -> dict[str, Any]:
         return {"backend": self.name, "model_file": self.model_file, "device": str(self.device)}

@@ -20,6 +20,9 @@ RESPONSE_SCHEMA = pa.schema(
     [("response", pa.string()), ("error", pa.string()), ("metadata", METADATA_TYPE)]
 )
 EMBEDDING_SCHEMA = pa.schema([("embedding", pa.list_(pa.float32())), ("error", pa.string())])
+#: ``POST {endpoint}/{model}/tokenize``: the same ``params`` request (text, or request JSON whose
+#: ``instruction`` is counted); answers ``tokens`` (int32, the text's tokens) and ``error`` per row.
+TOKENS_SCHEMA = pa.schema([("tokens", pa.int32()), ("error", pa.string())])
 
 
 def _write(table_or_batch) -> bytes:
@@ -109,4 +112,10 @@ def encode_embeddings(vectors: Sequence, errors: Sequence) -> bytes:
     batch = pa.record_batch(
         [pa.array(vectors, pa.list_(pa.float32())), pa.array(errors, pa.string())], schema=EMBEDDING_SCHEMA
     )
+    return _write(batch)
+
+
+def encode_token_counts(counts: Sequence, errors: Sequence) -> bytes:
+    """Encode the answer of the ``tokenize`` route (:data:`TOKENS_SCHEMA`)."""
+    batch = pa.record_batch([pa.array(counts, pa.int32()), pa.array(errors, pa.string())], schema=TOKENS_SCHEMA)
     return _write(batch)

@@ -5,6 +5,7 @@ no extra hop. Routes:
 
 - ``POST /{model}/arrow``  Arrow IPC in, Arrow IPC out (the contract in ``protocol/arrow.py``)
 - ``POST /{model}/embed``  Arrow IPC in (``params``: text or request JSON), embeddings out
+- ``POST /{model}/tokenize`` Arrow IPC in (the same), each text's token count out (nothing generated)
 - ``POST /{model}/stream`` one request as JSON in, server-sent events out (``bls.stream_chat``)
 - ``GET  /{model}/info``   backend, model dir, replica id (JSON)
 
@@ -433,6 +434,7 @@ class ModelWorker:
     ROUTES = {
         ("POST", "/arrow"): "_arrow_http",
         ("POST", "/embed"): "_embed_http",
+        ("POST", "/tokenize"): "_tokenize_http",
         ("POST", "/stream"): "_stream_http",
         ("GET", "/info"): "_info_http",
     }
@@ -513,18 +515,8 @@ class ModelWorker:
                 f"model {self.config.model!r} ({self.backend.name}) does not compute embeddings", status_code=400
             )
         rows = column.to_pylist()
-        texts, idx, errors = [], [], [None] * len(rows)
-        for i, row in enumerate(rows):
-            if row is None:
-                continue
-            text = row
-            if row[:1] == "{":
-                try:
-                    text = json.loads(row).get("instruction", row)
-                except (ValueError, AttributeError, RecursionError):
-                    text = row
-            texts.append(text if isinstance(text, str) else row)  # a JSON row without text: embed it as sent
-            idx.append(i)
+        texts, idx = _row_texts(rows)
+        errors: list = [None] * len(rows)
         vectors: list = [None] * len(rows)
         async with self._busy(len(rows)) as slot:
             try:
@@ -535,6 +527,32 @@ class ModelWorker:
                 for i in idx:
                     errors[i] = f"{type(exc).__name__}: {exc}"
         return Response(content=arrow.encode_embeddings(vectors, errors), media_type=arrow.CONTENT_TYPE)
+
+    async def _tokenize_http(self, request):
+        """Token counts of the rows' texts with the model's own tokenizer, generating nothing: no worker slot
+        is taken, so a count never waits behind the answers being generated."""
+        from starlette.responses import PlainTextResponse, Response
+
+        body = await _read_body(request)
+        if not isinstance(body, bytes):
+            return body
+        try:
+            column = arrow.decode_params(body)
+        except ValueError as exc:
+            return PlainTextResponse(str(exc), status_code=400)
+        rows = column.to_pylist()
+        texts, idx = _row_texts(rows)
+        counts: list = [None] * len(rows)
+        errors: list = [None] * len(rows)
+        try:
+            if texts:
+                for i, n in zip(idx, await self.backend.count_tokens(texts)):
+                    counts[i] = n
+        except Exception as exc:
+            why = str(exc) if isinstance(exc, NotImplementedError) else f"{type(exc).__name__}: {exc}"
+            for i in idx:
+                errors[i] = f"model {self.config.model!r} ({self.backend.name}) cannot count tokens: {why}"
+        return Response(content=arrow.encode_token_counts(counts, errors), media_type=arrow.CONTENT_TYPE)
 
     def __del__(self) -> None:
         try:
@@ -591,6 +609,24 @@ async def _read_body(request):
     except ClientDisconnect:
         return PlainTextResponse("the client went away before its body arrived", status_code=400)
     return b"".join(chunks)
+
+
+def _row_texts(rows: list) -> tuple[list[str], list[int]]:
+    """``(texts, their row indexes)`` of an ``embed`` or ``tokenize`` body: each non-null row is the text, or
+    request JSON whose ``instruction`` is the text (a JSON row without one is taken as sent)."""
+    texts, idx = [], []
+    for i, row in enumerate(rows):
+        if row is None:
+            continue
+        text = row
+        if row[:1] == "{":
+            try:
+                text = json.loads(row).get("instruction", row)
+            except (ValueError, AttributeError, RecursionError):
+                text = row
+        texts.append(text if isinstance(text, str) else row)
+        idx.append(i)
+    return texts, idx
 
 
 def _json_or_text(value: str) -> Any:

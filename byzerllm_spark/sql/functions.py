@@ -93,7 +93,11 @@ def check_python(spark=None) -> None:
 
 
 def register_functions(spark) -> None:
-    """Register ``llm_param``, ``llm_prompt`` and ``llm_result`` as SQL functions of ``spark``.
+    """Register ``llm_param``, ``llm_prompt`` and ``llm_result`` as SQL functions of ``spark``, and the task
+    functions (``llm_classify``, ``llm_extract``, ``llm_summarize``, ``llm_translate``, ``llm_filter``,
+    ``llm_count_tokens``, ``llm_embed``: see :mod:`.tasks`), which take the model's name as their first argument.
+    The task functions reach the cluster this driver is connected to: registered before ``bls.init()`` (or a
+    deploy), they say so when called; calling this again after connecting fixes that.
 
     Names the session already has are left as they are: registering again would only make Spark warn
     that each "replaced a previously registered function" (three lines per model function registered).
@@ -111,6 +115,9 @@ def register_functions(spark) -> None:
         spark.udf.register("llm_prompt", _llm_prompt_udf())
     if not spark.catalog.functionExists("llm_result"):
         spark.udf.register("llm_result", _llm_result_udf())
+    from .tasks import ensure_task_functions
+
+    ensure_task_functions(spark)
 
 
 def fill_prompt(template: str | None, args: list | None) -> str | None:
