@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 # name -> module that defines it; resolved on first attribute access (PEP 562).
 _EXPORTS = {
     "ModelTable": "model_table",
+    "add_adapter": "api.deploy",
     "cancel_job": "finetune",
     "chat": "api.chat",
     "chat_batch": "api.chat",

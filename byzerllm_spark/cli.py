@@ -6,6 +6,8 @@
         --infer_params n_ctx=2048 --model chat
     byzerllm query --model chat --query "What is the capital of France?"
     byzerllm stat --model chat
+    byzerllm deploy --model base --lora_adapters facts=/jobs/a/adapter,tone=/jobs/b/adapter
+    byzerllm add_adapter --model base --name more --path /jobs/c/adapter
     byzerllm undeploy --model chat
     byzerllm stop
     byzerllm submit examples/spark_submit_job.py     # spark-submit from this environment
@@ -126,11 +128,20 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.add_argument("--cache", default=None, metavar="CACHE",
                         help="response cache: true (answers of deterministic requests, on each worker's node), always "
                              "(every request), or a store URI such as redis://host:6379/0 (default: off)")
+    deploy.add_argument("--lora_adapters", nargs="*", default=[], metavar="NAME=PATH",
+                        help="LoRA adapters served over the base model, NAME=PATH pairs (space- or comma-separated): "
+                             "PEFT adapter directories, e.g. facts=/jobs/a/adapter; a row picks one with its 'adapter' "
+                             "key, an OpenAI client with model=MODEL:NAME (default: none)")
+    deploy.add_argument("--max_loras", type=int, default=None, metavar="N",
+                        help="the most LoRA adapters the model holds, with those added later (default: 8)")
     deploy.add_argument("--reconnect", action="store_true",
                         help="reuse a live deployment of the same name instead of failing")
     deploy.add_argument("--wait_ready_timeout", type=float, default=300, metavar="SECONDS",
                         help="seconds to wait for every worker to load (default: 300)")
 
+    add_adapter = command("add_adapter", "add a LoRA adapter to a deployed model, without redeploying it")
+    add_adapter.add_argument("--name", required=True, metavar="NAME", help="the adapter's name (rows pass it as 'adapter')")
+    add_adapter.add_argument("--path", required=True, metavar="PATH", help="the PEFT adapter directory (or a model table)")
     command("undeploy", "remove a deployed model and its workers")
     command("stat", "the model's worker counters as JSON: total/busy/idle workers, requests, free slots...")
     command("workers", "per-worker details of a deployed model as JSON")
@@ -206,10 +217,11 @@ def _stop(args: argparse.Namespace) -> None:
 def _deploy(args: argparse.Namespace) -> None:
     from .api.deploy import deploy
 
-    from .config import CacheSpec
+    from .config import DEFAULT_MAX_LORAS, CacheSpec, parse_lora_adapters
 
     infer_params = _params(args.infer_params)  # a typo fails before the minutes of connecting
     cache = CacheSpec.parse(args.cache, "--cache")
+    adapters = parse_lora_adapters(",".join(args.lora_adapters), "--lora_adapters")
     info = _connect(args)
     config = deploy(
         args.model, pretrained_model_type=args.pretrained_model_type, infer_backend=args.infer_backend,
@@ -218,11 +230,21 @@ def _deploy(args: argparse.Namespace) -> None:
         worker_concurrency=args.worker_concurrency, load_balance=args.load_balance,
         infer_params=infer_params, reconnect=args.reconnect,
         wait_ready_timeout=args.wait_ready_timeout, min_workers=args.min_workers, max_workers=args.max_workers,
-        cache=cache,
+        cache=cache, lora_adapters=adapters,
+        max_loras=DEFAULT_MAX_LORAS if args.max_loras is None else args.max_loras,
     )
     workers = (f"{config.initial_workers} to {config.max_workers} workers, autoscaling" if config.autoscaling
                else f"{config.num_workers} workers")
-    print(f"deployed {args.model!r} ({workers}) at {info.endpoint}/{args.model}/arrow")
+    print(f"deployed {args.model!r} ({workers}) at {info.endpoint}/{args.model}/arrow"
+          + (f", LoRA adapters: {', '.join(sorted(adapters))}" if adapters else ""))
+
+
+def _add_adapter(args: argparse.Namespace) -> None:
+    from .api.deploy import add_adapter
+
+    _connect(args)
+    names = add_adapter(args.model, args.name, args.path)
+    print(f"added adapter {args.name!r} to {args.model!r}; its adapters: {', '.join(names)}")
 
 
 def _undeploy(args: argparse.Namespace) -> None:
@@ -312,8 +334,8 @@ def _run_script(args: argparse.Namespace) -> None:
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int | None]] = {
-    "start": _start, "stop": _stop, "deploy": _deploy, "undeploy": _undeploy, "stat": _stat,
-    "workers": _workers, "list": _list, "query": _query, "submit": _submit, "run": _run_script,
+    "start": _start, "stop": _stop, "deploy": _deploy, "add_adapter": _add_adapter, "undeploy": _undeploy,
+    "stat": _stat, "workers": _workers, "list": _list, "query": _query, "submit": _submit, "run": _run_script,
 }
 
 

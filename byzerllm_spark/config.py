@@ -29,6 +29,11 @@ REDACTED = "******"
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
 _MODEL_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]{0,63}$")
+#: A LoRA adapter's name: no ':' (an OpenAI client names one as ``model="<deployment>:<adapter>"``).
+_ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+#: ``max_loras`` when not given: the most LoRA adapters one worker holds (vLLM's engine argument of that name
+#: bounds the adapters of one batch; here it bounds those registered on a deployment, which is stricter).
+DEFAULT_MAX_LORAS = 8
 
 #: Byzer-LLM's names for ``deploy()`` arguments (the keys of its ``run command as LLM.`` statement
 #: and of its Python API) -> this library's names, with the type their string values parse to.
@@ -48,6 +53,54 @@ BYZER_DEPLOY_NAMES: dict[str, tuple[str, str]] = {
 #: Byzer-LLM keys that ``deploy()`` accepts and needs nothing from (``action="infer"`` is the only
 #: action a deployment has; finetuning is ``bls.sft`` / ``bls.sfft``).
 BYZER_IGNORED_NAMES = frozenset({"action"})
+
+def check_adapter_name(name: Any, param: str = "adapter name") -> str:
+    """``name`` if it can name a LoRA adapter (1-64 letters, digits, ``_ . -``, no ``:``), else ConfigError."""
+    if not isinstance(name, str) or not _ADAPTER_NAME.match(name):
+        raise ConfigError(bad_value(param, name, "use 1-64 letters, digits, '_', '.' or '-' (no ':'), e.g. 'facts'"))
+    return name
+
+
+def parse_lora_adapters(value: Any, param: str = "lora_adapters") -> dict[str, str]:
+    """``deploy(lora_adapters=...)`` as ``{name: adapter directory}``.
+
+    Accepts a dict, or Byzer-LLM's string form ``"facts=/path/a,tone=/path/b"`` (the CLI's
+    ``--lora_adapters`` and a Byzer script's ``loraAdapters`` key). None or empty: no adapters.
+
+    Raises:
+        ConfigError: a malformed pair, a bad name, a path that is not a string, or a name given twice.
+
+    Example:
+        >>> parse_lora_adapters("facts=/tmp/a, tone=/tmp/b")
+        {'facts': '/tmp/a', 'tone': '/tmp/b'}
+    """
+    if value is None or value == "" or value == {}:
+        return {}
+    pairs: list[tuple[Any, Any]]
+    if isinstance(value, str):
+        pairs = []
+        for item in value.split(","):
+            if not item.strip():
+                continue
+            name, sep, path = item.strip().partition("=")
+            if not sep or not name.strip() or not path.strip():
+                raise ConfigError(bad_value(param, value, "pass NAME=PATH pairs separated by ',', "
+                                            "e.g. 'facts=/models/facts_adapter,tone=/models/tone_adapter'"))
+            pairs.append((name.strip(), path.strip()))
+    elif isinstance(value, Mapping):
+        pairs = list(value.items())
+    else:
+        raise ConfigError(bad_value(param, value, "pass a dict {name: adapter directory} or 'name=/path,...'"))
+    out: dict[str, str] = {}
+    for name, path in pairs:
+        check_adapter_name(name, f"{param} name")
+        if not isinstance(path, str) or not path:
+            raise ConfigError(bad_value(f"{param}[{name!r}]", path, "pass the adapter's directory as a string"))
+        if name in out:
+            raise ConfigError(bad_value(param, value, f"adapter {name!r} is named twice: give each adapter one name"))
+        out[name] = path
+    return out
+
 
 def is_secret_key(key: str) -> bool:
     """True for keys whose values must never be shown (``saas.api_key`` and friends)."""
@@ -437,6 +490,11 @@ class DeployConfig:
     max_workers: int | None = None
     #: Serve ``AutoscalingConfig`` keys over :data:`AUTOSCALING_DEFAULTS` (``deploy(autoscaling_config=)``).
     autoscaling_config: dict[str, Any] = field(default_factory=dict)
+    #: LoRA adapters every worker loads over the base model, ``{name: adapter directory}``
+    #: (``deploy(lora_adapters=...)``); a row picks one with its ``adapter`` key.
+    lora_adapters: dict[str, str] = field(default_factory=dict)
+    #: The most adapters the deployment holds (those of ``lora_adapters`` and ``add_adapter`` together).
+    max_loras: int = DEFAULT_MAX_LORAS
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not _MODEL_NAME.match(self.model):
@@ -467,6 +525,11 @@ class DeployConfig:
             )
         if self.udf_name is not None and not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", self.udf_name):
             raise ConfigError(bad_value("udf_name", self.udf_name, "use a SQL identifier: letters, digits and '_'"))
+        _check_number("max_loras", self.max_loras, minimum=1, integer=True)
+        object.__setattr__(self, "lora_adapters", parse_lora_adapters(self.lora_adapters))
+        if len(self.lora_adapters) > self.max_loras:
+            raise ConfigError(bad_value("lora_adapters", sorted(self.lora_adapters), f"this is {len(self.lora_adapters)} "
+                                        f"adapters but max_loras={self.max_loras}: raise max_loras or deploy fewer"))
 
     def _check_autoscaling(self) -> None:
         if self.min_workers is None and self.max_workers is None:
@@ -537,7 +600,9 @@ class DeployConfig:
             + (f"min_workers={self.initial_workers}, max_workers={self.max_workers}, " if self.autoscaling else "")
             + f"worker_concurrency={self.worker_concurrency}, load_balance={self.load_balance!r}, "
             f"infer_params={self.infer_params!r}"
-            + (f", cache={self.cache!r})" if self.cache else ")")
+            + (f", cache={self.cache!r}" if self.cache else "")
+            + (f", lora_adapters={self.lora_adapters!r}, max_loras={self.max_loras}" if self.lora_adapters else "")
+            + ")"
         )
 
 

@@ -12,7 +12,8 @@ import time
 from typing import Any, Mapping
 
 from .. import cluster
-from ..config import CacheSpec, DeployConfig, InferParams, byzer_deploy_args
+from ..config import (DEFAULT_MAX_LORAS, CacheSpec, DeployConfig, InferParams, byzer_deploy_args, check_adapter_name,
+                      parse_lora_adapters)
 from ..errors import ConfigError, DeploymentError, ModelNotFoundError, ResourceError, not_deployed
 from ..serving import app as serve_app
 
@@ -22,7 +23,7 @@ logger = logging.getLogger(__name__)
 _CONFIG_ARGS = (
     "pretrained_model_type", "infer_backend", "model_path", "model_table", "num_workers", "cpus_per_worker",
     "gpus_per_worker", "worker_concurrency", "load_balance", "udf_name", "local_path_prefix", "min_workers",
-    "max_workers",
+    "max_workers", "max_loras",
 )
 
 
@@ -50,6 +51,8 @@ def deploy(
     min_workers: int | None = None,
     max_workers: int | None = None,
     autoscaling_config: Mapping[str, Any] | None = None,
+    lora_adapters: Mapping[str, str] | str | None = None,
+    max_loras: int = DEFAULT_MAX_LORAS,
     **byzer_names: Any,
 ) -> DeployConfig:
     """Deploy a model as a Ray Serve application named ``model``.
@@ -91,6 +94,16 @@ def deploy(
             ``"redis://host:6379/0"`` (a server every node reaches: use it on a cluster) or
             ``"diskcache:///abs/dir"``; ``{"store": uri, "mode": "always"}`` both. A re-run query, a
             Spark task retry, ``bls.chat`` and ``/v1`` then send upstream only what was not answered.
+        lora_adapters: LoRA adapters served over this one base model, ``{name: adapter directory}`` (or
+            ``"name=/path,name2=/path2"``): PEFT adapter directories (``bls.job_output(job)`` of
+            ``bls.sft(..., merge=False)``) or model tables of them. A row picks one with its ``adapter``
+            key (``llm_param(map('instruction', q, 'adapter', 'facts'))``), an OpenAI client with
+            ``model="<model>:<adapter>"``; no ``adapter``: the base model. Each worker loads each adapter
+            once; an adapter trained on another base model fails the deploy, naming the layer that does
+            not fit. ``infer_backend='transformers'`` (and ``vllm``) only. Default None: none; add more
+            later with :func:`add_adapter`.
+        max_loras: the most adapters the deployment holds, those of ``lora_adapters`` and
+            :func:`add_adapter` together (default 8); more is a ConfigError.
         **byzer_names: Byzer-LLM's names for the arguments above (``pretrainedModelType``,
             ``inferBackend``, ``modelPath`` / ``localModelDir``, ``modelTable``, ``udfName``,
             ``localPathPrefix``, ``modelWaitServerReadyTimeout``, ``reconnect``, ``maxConcurrency``,
@@ -108,6 +121,7 @@ def deploy(
     Example:
         >>> bls.deploy("chat", num_workers=2, cpus_per_worker=0.5)  # doctest: +SKIP
         >>> bls.deploy("busy", min_workers=1, max_workers=4, worker_concurrency=4)  # doctest: +SKIP
+        >>> bls.deploy("base", lora_adapters={"facts": "/jobs/sft-facts-1/adapter"})  # doctest: +SKIP
     """
     from ..backends import registry
     from ..backends._model_files import check_model_path
@@ -127,6 +141,7 @@ def deploy(
         resources=dict(resources or {}),
         cache=CacheSpec.parse(args["cache"], "cache"),
         autoscaling_config=_autoscaling_config(autoscaling_config),
+        lora_adapters=parse_lora_adapters(lora_adapters),
         **{name: args[name] for name in _CONFIG_ARGS},
     )
     if not isinstance(wait_ready_timeout, (int, float)) or wait_ready_timeout <= 0:
@@ -152,6 +167,9 @@ def deploy(
             check_model_path("model_path", config.model_path)
         elif not os.path.exists(config.model_path):
             raise ConfigError(f"model_path={config.model_path!r} is not valid: the path does not exist")
+    if config.lora_adapters and info.embedded:
+        for name, path in config.lora_adapters.items():
+            _check_adapter_path(f"lora_adapters[{name!r}]", path)
     if config.model_table is not None:
         from ..model_table import is_model_table
 
@@ -166,6 +184,71 @@ def deploy(
     if spark is not None:
         _register_sql(spark, model, udf_name)
     return config
+
+
+def _check_adapter_path(param: str, path: str) -> None:
+    """On one machine, refuse an adapter path that is neither a PEFT adapter directory nor a model table."""
+    if os.path.isfile(os.path.join(path, "adapter_config.json")):
+        return
+    from ..model_table import is_model_table
+
+    if os.path.isdir(path) or not is_model_table(path):
+        raise ConfigError(f"{param}={path!r} is not a PEFT adapter directory (no adapter_config.json) nor a model "
+                          "table; pass the directory bls.job_output(job) gives for bls.sft(..., merge=False)")
+
+
+def add_adapter(model: str, name: str, path: str) -> list[str]:
+    """Add a LoRA adapter to a deployed model, without redeploying it: rows naming ``name`` are answered with it.
+
+    One worker loads it now (an adapter that does not fit the base model fails here); the others load it
+    when a row first names it, and workers started later (restarts, autoscaling) too.
+
+    Args:
+        model: the deployment's name.
+        name: the adapter's name, 1-64 letters, digits, ``_ . -`` (no ``:``); rows pass it as ``adapter``.
+        path: a PEFT adapter directory (``bls.job_output(job)`` of ``bls.sft(..., merge=False)``) on the
+            workers' nodes, or a model table of one.
+
+    Returns:
+        The names of the deployment's adapters, sorted.
+
+    Raises:
+        ModelNotFoundError: the model is not deployed.
+        ConfigError: a bad name or path, a name already taken by another path, more than ``max_loras``
+            adapters, a backend without LoRA, or an adapter that does not fit the base model.
+
+    Example:
+        >>> bls.add_adapter("base", "more", "/jobs/sft-more-1/adapter")  # doctest: +SKIP
+        ['facts', 'more', 'tone']
+    """
+    from ray import serve
+
+    from ..serving.stats import get_stats_actor
+    from ..settings import DEPLOYMENT_NAME
+
+    check_adapter_name(name, "name")
+    if not isinstance(path, str) or not path:
+        raise ConfigError(f"path={path!r} is not valid: pass the adapter's directory as a string")
+    info = cluster.ensure_init()
+    config = serve_app.stored_config(model)
+    if config is None or not exists(model):
+        raise not_deployed(model, list_models())
+    if info.embedded:
+        _check_adapter_path("path", path)
+    registered = serve_app.lora_adapters(model)
+    if registered.get(name, path) != path:
+        raise ConfigError(f"name={name!r} is already an adapter of model {model!r} ({registered[name]!r}); "
+                          "pick another name")
+    if name not in registered and len(registered) >= config.max_loras:
+        raise ConfigError(f"max_loras={config.max_loras}: model {model!r} already holds {len(registered)} adapters "
+                          f"({', '.join(sorted(registered))}); deploy it again with a higher max_loras")
+    handle = serve.get_deployment_handle(DEPLOYMENT_NAME, app_name=model)
+    answer = handle.add_adapter.remote(name, path).result(timeout_s=600)
+    if answer.get("error"):
+        raise ConfigError(answer["error"])
+    import ray
+
+    return sorted(ray.get(get_stats_actor(model).register_adapter.remote(name, path)))
 
 
 def _autoscaling_config(given: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -389,7 +472,8 @@ def stat(model: str) -> dict[str, Any]:
         where a response cache is in use (``cache=``), ``cache_hits`` (rows answered from it) and
         ``cache_misses`` (rows the engine answered and the cache kept). An autoscaled model
         (``max_workers``) adds ``min_workers``, ``max_workers`` and ``target_workers`` (the count Serve
-        is scaling to; ``total_workers`` counts the workers up now).
+        is scaling to; ``total_workers`` counts the workers up now). A model with LoRA adapters adds
+        ``lora_adapters``, ``{name: directory}`` (deploy's and :func:`add_adapter`'s).
         ``total_requests`` counts requests (rows) answered by each worker.
 
     Raises:
@@ -414,6 +498,7 @@ def stat(model: str) -> dict[str, Any]:
         **({"cache_hits": sum(d["cache_hits"] for _, d in cached), "cache_misses": sum(d["cache_misses"] for _, d in cached)}
            if cached else {}),
         **_autoscaling_stat(model),
+        **({"lora_adapters": adapters} if (adapters := serve_app.lora_adapters(model)) else {}),
     }
 
 

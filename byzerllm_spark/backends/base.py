@@ -8,7 +8,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
-from ..errors import RequestError
+from ..errors import ConfigError, RequestError
 
 if TYPE_CHECKING:
     from ..config import DeployConfig
@@ -107,10 +107,29 @@ class Backend(abc.ABC):
     #: The most tokens the model can handle (its context window), or None when unknown (SaaS
     #: vendors check their own). A request's ``max_length`` above it is refused before any work.
     context_length: int | None = None
+    #: True for engines that serve LoRA adapters over their base model: :meth:`load_adapter` registers one
+    #: by name, and each request's ``adapter`` (None: the base model) says which answers it.
+    supports_lora: bool = False
 
     def __init__(self, config: "DeployConfig", model_dir: str | None) -> None:
         self.config = config
         self.model_dir = model_dir
+
+    def load_adapter(self, name: str, path: str) -> None:
+        """Load the LoRA adapter in directory ``path`` (a PEFT adapter: ``adapter_config.json`` and its
+        weights) under ``name``, so that requests with ``adapter == name`` are answered with it.
+
+        The worker calls this for each of ``deploy(lora_adapters=...)`` before it takes requests, and for
+        ``bls.add_adapter`` later; it checks names, ``max_loras`` and unknown adapters itself, so an
+        engine only loads. Rows of one batch may name different adapters (or none): an engine must never
+        answer a row with another row's adapter.
+
+        Raises:
+            ConfigError: this engine serves no adapters, or the adapter does not fit the base model.
+        """
+        raise ConfigError(f"lora_adapters: backend {self.name!r} serves no LoRA adapters; deploy the base model "
+                          "with infer_backend='transformers' (or 'vllm'), or merge the adapter "
+                          "(bls.sft(..., merge=True)) and deploy the merged model")
 
     @classmethod
     def check_config(cls, config: "DeployConfig") -> None:

@@ -8,6 +8,12 @@ loaded from that safetensors copy afterwards. ``backend.*`` keys go to ``from_pr
 ``backend.max_batch_size`` (rows per ``generate`` call, default 8). Streaming sends tokens as
 ``generate`` makes them (``TextIteratorStreamer``).
 
+LoRA adapters (``deploy(lora_adapters=...)``, ``bls.add_adapter``) go over the one base model with PEFT's
+multi-adapter support: the first wraps the model (``PeftModel.from_pretrained``), the others are added to
+it (``load_adapter``), each loaded once. Rows are grouped by adapter as well as by sampling settings, so one
+``generate`` call never mixes adapters: ``set_adapter(name)`` before a group's calls, and
+``disable_adapter()`` around those of the base model's rows.
+
 A request's ``response_format`` (a JSON schema) constrains decoding through llguidance: a logits
 processor masks, at every step, the tokens that cannot continue a valid answer, so the answer always
 parses. Why llguidance: measured here (2026-11-30, SmolLM2's 49k-token vocabulary, a two-field object
@@ -20,6 +26,8 @@ triton (a GPU compiler) on a CPU machine.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import threading
 from typing import Any, AsyncIterator
@@ -118,6 +126,54 @@ def _import_llguidance():
     return llguidance
 
 
+def _import_peft():
+    try:
+        import peft
+    except ImportError as exc:
+        raise ImportError(
+            f"lora_adapters on infer_backend='transformers' need peft: pip install 'byzerllm-spark[finetune]' ({exc})"
+        ) from None
+    return peft
+
+
+def check_adapter_fits(model, name: str, path: str) -> None:
+    """Refuse the adapter in ``path`` when its LoRA weights do not fit ``model``'s layers (an adapter trained
+    on another base model), before PEFT touches the model: each ``lora_A`` / ``lora_B`` weight must name a
+    linear layer of the model with the adapter's input and output sizes. Reads shapes only.
+
+    Raises:
+        ConfigError: not a PEFT adapter directory, or a layer that is missing or of another size (named).
+    """
+    config_file = os.path.join(path, "adapter_config.json")
+    if not os.path.isfile(config_file):
+        raise ConfigError(f"lora_adapters[{name!r}]={path!r} is not a PEFT adapter directory (no adapter_config.json); "
+                          "pass the directory bls.job_output(job) gives for bls.sft(..., merge=False)")
+    with open(config_file) as f:
+        trained_on = json.load(f).get("base_model_name_or_path")
+    weights = os.path.join(path, "adapter_model.safetensors")
+    if not os.path.isfile(weights):
+        return  # a .bin adapter: PEFT checks it while loading
+    from safetensors import safe_open
+
+    modules = dict(model.named_modules())
+    with safe_open(weights, framework="pt") as f:
+        for key in f.keys():
+            part = ".lora_A." if ".lora_A." in key else ".lora_B." if ".lora_B." in key else None
+            if part is None:
+                continue
+            layer = key.split(part)[0].removeprefix("base_model.model.")
+            shape = tuple(f.get_slice(key).get_shape())
+            module = modules.get(layer)
+            size = (getattr(module, "in_features", None), getattr(module, "out_features", None))
+            ok = module is not None and (shape[1] == size[0] if part == ".lora_A." else shape[0] == size[1])
+            if not ok:
+                have = "has no such layer" if module is None else f"has it {size[0]} -> {size[1]}"
+                raise ConfigError(
+                    f"lora_adapters[{name!r}]={path!r} does not fit this base model: its weight {key} "
+                    f"{list(shape)} was trained for another model ({trained_on or 'base model unknown'}); this model "
+                    f"{have}. Deploy the base model the adapter was trained on, or train the adapter on this one")
+
+
 class TokenCounter:
     """Counts tokens with a copy of a Hugging Face tokenizer: the engine's own is in use by generation in
     another thread, and a fast tokenizer called from two threads at once fails ("Already borrowed")."""
@@ -143,6 +199,7 @@ def _seeded_sampling(req) -> bool:
 
 class TransformersBackend(Backend):
     name = "transformers"
+    supports_lora = True
 
     @classmethod
     def check_config(cls, config) -> None:
@@ -192,6 +249,7 @@ class TransformersBackend(Backend):
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self._lock = threading.Lock()
+        self.adapters: dict[str, str] = {}  # name -> directory, loaded into self.model (then a PeftModel)
         self._ll_tokenizer = None  # llguidance's view of the tokenizer: built on the first response_format
         self._grammars: dict[str, str] = {}
         context = getattr(self.model.config, "max_position_embeddings", None)
@@ -217,7 +275,8 @@ class TransformersBackend(Backend):
     def _group_key(req) -> tuple:
         extra = tuple(sorted((k, repr(v)) for k, v in req.generation.items() if k in _GENERATE_KEYS))
         sample = req.temperature > 0
-        return (sample, req.temperature if sample else 0.0, req.top_p if sample else 1.0, req.top_k, extra)
+        return (req.adapter or "", sample, req.temperature if sample else 0.0, req.top_p if sample else 1.0, req.top_k,
+                extra)
 
     def _generate_kwargs(self, reqs) -> dict[str, Any]:
         """``generate()`` arguments shared by the requests of one group (seeding torch if asked)."""
@@ -296,7 +355,7 @@ class TransformersBackend(Backend):
         kwargs.update(self._processors(reqs))
         if stop is not None:  # a caller that went away stops the generation at its next token
             kwargs["stopping_criteria"] = self.transformers.StoppingCriteriaList([_Cancelled(stop, self.torch)])
-        with self.torch.inference_mode():
+        with self.torch.inference_mode(), self._with_adapter(reqs[0].adapter):
             output = self.model.generate(**enc, **kwargs)
         prompt_len = enc["input_ids"].shape[1]
         return [
@@ -344,7 +403,7 @@ class TransformersBackend(Backend):
 
         def generate() -> None:
             try:
-                with self._lock, self.torch.inference_mode():
+                with self._lock, self.torch.inference_mode(), self._with_adapter(request.adapter):
                     kwargs = self._generate_kwargs([request])
                     kwargs.update(self._processors([request]))
                     stop = transformers.StoppingCriteriaList([_Cancelled(cancelled, self.torch)])
@@ -384,4 +443,5 @@ class TransformersBackend(Backend):
         return await asyncio.to_thread(self._counter, texts)
 
     def info(self) -> dict[str, Any]:
-        return {"backend": self.name, "model_file": self.model_file, "device": str(self.device)}
+        return {"backend": self.name, "model_file": self.model_file, "device": str(self.device),
+                "adapters": sorted(self.adapters)}

@@ -178,6 +178,7 @@ def sft(
     sys_conf: Mapping[str, Any] | None = None,
     data_server_host: str | None = None,
     progress: bool = True,
+    merge: bool | None = None,
 ) -> FinetuneJob:
     """Supervised finetuning (LoRA; QLoRA in 4-bit where CUDA and bitsandbytes exist) on a Spark table.
 
@@ -203,9 +204,14 @@ def sft(
             whose ``sft_train(data_refs, train_params, conf)`` trains instead of the built-in trainer.
         data_server_host: the address executors push to (default: see :mod:`.data_servers`).
         progress: show a progress bar while waiting (detached=False).
+        merge: True: write the adapter merged into the base weights (``final/``, a plain model to deploy);
+            False: keep only the LoRA adapter (``adapter/``), to serve beside others over one base model
+            with ``bls.deploy(..., lora_adapters={name: bls.job_output(job)})``. Default None: the
+            ``sft.bool.merge`` key of ``params`` (default true).
 
     Returns:
-        the FinetuneJob; ``bls.wait(job)``, then ``bls.job_output(job)`` is the merged model dir.
+        the FinetuneJob; ``bls.wait(job)``, then ``bls.job_output(job)`` is the merged model dir (the
+        adapter dir with ``merge=False``).
 
     Raises:
         FormatError: no recognised columns, or a row that fits no format (named, with its columns).
@@ -220,6 +226,13 @@ def sft(
     """
     from .formats import arrow_normaliser, detect_format, format_columns
 
+    if merge is not None:
+        if not isinstance(merge, bool):
+            raise ConfigError(bad_value("merge", merge, "pass True (a merged model) or False (the LoRA adapter alone)"))
+        if isinstance(params, SftConfig):
+            params = dataclasses.replace(params, merge=merge)
+        elif params is None or isinstance(params, Mapping):
+            params = {**(params or {}), "sft.bool.merge": str(merge).lower()}
     spec = _prepare("sft", df, model_path=model_path, output=output, name=name, params=params, num_gpus=num_gpus,
                     num_workers=1, cpus_per_worker=cpus_per_worker, detached=detached,
                     keep_partition_num=keep_partition_num, pretrained_model_type=pretrained_model_type, fmt=format,

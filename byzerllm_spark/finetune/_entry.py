@@ -81,7 +81,8 @@ def run_job(job_id: str, address: str | None = None) -> dict[str, Any]:
         if not spec.config.keep_checkpoints:
             _remove_checkpoints(spec.output, reporter)
         _progress.put(job_id, "result", result)
-        reporter.phase("done", f"finished: {result.get('final') or spec.output}", final=result.get("final"))
+        output = result.get("final") or result.get("adapter")  # the adapter alone: sft with merge=False
+        reporter.phase("done", f"finished: {output or spec.output}", final=output)
     except BaseException as exc:
         reporter.fail(exc)  # checkpoints and data servers stay: resume_job continues from them
         raise

@@ -350,20 +350,21 @@ def _remove_placement_group(hex_id: str) -> None:
 
 
 def job_output(job: Any) -> str:
-    """The directory to deploy: ``<output>/final`` (the merged model for sft, the trained model for sfft).
+    """The directory to deploy: ``<output>/final`` (the merged model for sft, the trained model for sfft), or
+    ``<output>/adapter`` for sft with ``merge=False`` (the LoRA adapter: ``deploy(lora_adapters=...)`` takes it).
 
     Raises:
         JobError: the job has not succeeded (its status says why).
     """
     spec = load_spec(job)
     result = _progress.get(spec.job_id, "result")
-    if not result or not result.get("final"):
+    if not result or not (result.get("final") or result.get("adapter")):
         status = job_status(spec.job_id)
         raise JobError(
             f"job {spec.job_id!r} has no output yet: status {status['status']}, phase {status['phase']}"
             + (f", error: {status['error']}" if status.get("error") else "") + "; bls.wait(job) first"
         )
-    return result["final"]
+    return result.get("final") or result["adapter"]
 
 
 def resume_job(job: Any, *, detached: bool | None = None, progress: bool = True) -> FinetuneJob:

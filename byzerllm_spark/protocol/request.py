@@ -37,6 +37,7 @@ REQUEST_KEYS = (
     "messages",
     "request_id",
     "response_format",
+    "adapter",
 )
 _REQUEST_KEY_SET = frozenset(REQUEST_KEYS)
 
@@ -48,7 +49,8 @@ class ChatRequest:
     ``max_length`` is the most new tokens to generate (Byzer's name for it). ``generation`` holds
     the ``generation.*`` keys with the prefix stripped: they reach a plugin's ``stream_chat`` as
     keyword arguments (``generation.image`` arrives as ``image``). ``response_format`` is the parsed
-    structured-output request (:mod:`.structured`), None for plain text.
+    structured-output request (:mod:`.structured`), None for plain text. ``adapter`` names the LoRA
+    adapter of the deployment that answers this row (``deploy(lora_adapters=...)``), None: the base model.
     """
 
     instruction: str
@@ -62,6 +64,7 @@ class ChatRequest:
     top_k: int | None = None
     generation: dict = field(default_factory=dict)
     response_format: ResponseFormat | None = None
+    adapter: str | None = None
 
     def sampling(self) -> dict[str, Any]:
         """OpenAI-style sampling arguments (``max_tokens``, ``temperature``, ``top_p``, ``top_k``)."""
@@ -114,6 +117,14 @@ def _text(key: str, value: Any) -> str:
     if isinstance(value, (int, float, bool)):
         return str(value)
     raise RequestParseError(bad_value(key, _short(value), "pass text (a string)"))
+
+
+def _adapter(value: Any) -> str | None:
+    """A row's ``adapter``: a registered adapter's name; '' means the base model, as a missing key does."""
+    if type(value) is not str:
+        raise RequestParseError(bad_value("adapter", _short(value), "pass the name of a LoRA adapter of the "
+                                          "deployment (deploy(lora_adapters=...)), or leave it out for the base model"))
+    return value.strip() or None
 
 
 def _turns(key: str, value: Any) -> list[dict[str, str]]:
@@ -248,6 +259,7 @@ _SETTERS = {
     "temperature": lambda r, v: setattr(r, "temperature", _number("temperature", v, float, 0.0, 2.0)),
     "top_k": lambda r, v: setattr(r, "top_k", _number("top_k", v, int, 1, None)),
     "response_format": lambda r, v: setattr(r, "response_format", parse_response_format(v)),
+    "adapter": lambda r, v: setattr(r, "adapter", _adapter(v)),
 }
 """Per-key conversions of the optional request fields (``system_msg`` and ``max_tokens`` are
 handled in :func:`parse_request`: they combine with other keys)."""

@@ -90,7 +90,8 @@ def start(config) -> Start:
 
     stats = StatsActor.options(
         name=stats_actor_name(config.model), namespace=NAMESPACE, lifetime="detached", get_if_exists=True
-    ).remote(config.model, pickle.dumps(config), config.load_balance, config.worker_concurrency)
+    ).remote(config.model, pickle.dumps(config), config.load_balance, config.worker_concurrency,
+             dict(getattr(config, "lora_adapters", {})))
     ray.get(stats.snapshot.remote())  # created and reachable before any replica reports
     app = build(config)
     state = Start(threading.Event(), [])
@@ -164,6 +165,16 @@ def delete(model: str) -> None:
     actor = get_stats_actor(model)
     if actor is not None:
         ray.kill(actor, no_restart=True)
+
+
+def lora_adapters(model: str) -> dict[str, str]:
+    """A deployed model's LoRA adapters, ``{name: directory}`` (deploy's and those added since); {} if none."""
+    import ray
+
+    from .stats import get_stats_actor
+
+    actor = get_stats_actor(model)
+    return ray.get(actor.lora_adapters.remote()) if actor is not None else {}
 
 
 def stored_config(model: str):

@@ -176,12 +176,29 @@ def _checked(mapping, body: dict[str, Any]):
     try:
         out = mapping(body)
         for params in out if isinstance(out, list) else [out]:
+            _with_adapter(params, body)
             parse_request(params)
     except (OpenAIError, RequestParseError):
         raise
     except (TypeError, ValueError, OverflowError, RecursionError, AttributeError) as exc:
         raise OpenAIError(f"the request body is malformed ({type(exc).__name__}: {str(exc)[:200]})") from None
     return out
+
+
+def _with_adapter(params: dict[str, Any], body: dict[str, Any]) -> None:
+    """``model="<deployment>:<adapter>"`` (vLLM's and Ray Serve LLM's name of a LoRA adapter) sets the row's
+    ``adapter``; the deployment's workers answer 404 naming the available ones when it has no such adapter."""
+    model = body.get("model")
+    if isinstance(model, str) and ":" in model:
+        params["adapter"] = model.split(":", 1)[1]
+
+
+def _adapter_models(models: list[str], created: int) -> list[dict[str, Any]]:
+    """``GET /v1/models`` entries of the deployments' LoRA adapters: ``<deployment>:<adapter>``, parent the deployment."""
+    from .app import lora_adapters
+
+    return [{"id": f"{m}:{name}", "object": "model", "created": created, "owned_by": "byzerllm-spark", "parent": m}
+            for m in models for name in sorted(lora_adapters(m))]
 
 
 def _row_error(row: dict | None) -> OpenAIError:
@@ -215,6 +232,7 @@ class OpenAIIngress:
         if not isinstance(model, str) or not model:
             raise OpenAIError("'model' is required: the name of a deployed model (GET /v1/models lists them)",
                               param="model")
+        model = model.split(":", 1)[0]  # "<deployment>:<adapter>" (a LoRA adapter): the deployment's workers answer
         if model not in await self._deployed() and model not in await self._deployed(refresh=True):
             deployed = self._models
             self._handles.pop(model, None)
@@ -272,6 +290,7 @@ class OpenAIIngress:
         now = int(time.time())
         data = [{"id": m, "object": "model", "created": now, "owned_by": "byzerllm-spark"}
                 for m in await self._deployed(refresh=True)]
+        data += await asyncio.to_thread(_adapter_models, [d["id"] for d in data], now)
         return {"object": "list", "data": data}
 
     async def chat(self, body: dict[str, Any]):

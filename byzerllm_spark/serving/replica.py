@@ -94,6 +94,12 @@ class ModelWorker:
         except Exception:  # not inside Serve (tests calling the class directly)
             self.replica = f"local-{os.getpid()}"
         self._stats = get_stats_actor(config.model)
+        # LoRA adapters loaded into the backend, {name: directory}: deploy's now; those added later with
+        # bls.add_adapter when a row first names one (the stats actor keeps the deployment's list).
+        self._adapters: dict[str, str] = {}
+        self._adapter_lock = asyncio.Lock()
+        for name, path in getattr(config, "lora_adapters", {}).items():
+            self._load_adapter(name, path)
         # The model's slots, taken once a request is read and parsed: Serve lets SPARE_SLOTS more
         # requests in, so slow uploads wait here without blocking the model (see app.build).
         self._slots = asyncio.Semaphore(work_slots(config))
@@ -246,6 +252,54 @@ class ModelWorker:
                         f"holds {context} tokens; pass {name} <= {context}")
         return None
 
+    # ---- LoRA adapters --------------------------------------------------------------------
+    def _load_adapter(self, name: str, path: str) -> None:
+        """Load one adapter into the backend (once), within ``max_loras``."""
+        from ..config import check_adapter_name
+
+        check_adapter_name(name)
+        known = self._adapters.get(name)
+        if known is not None:
+            if known != path:
+                raise ConfigError(f"adapter {name!r} of model {self.config.model!r} is already {known!r}; "
+                                  f"add {path!r} under another name")
+            return
+        if len(self._adapters) >= self.config.max_loras:
+            raise ConfigError(f"max_loras={self.config.max_loras}: model {self.config.model!r} already holds "
+                              f"{len(self._adapters)} adapters ({', '.join(sorted(self._adapters))}); deploy it again "
+                              "with a higher max_loras, or with fewer adapters")
+        self.backend.load_adapter(name, _adapter_dir(path, self.config.local_path_prefix))
+        self._adapters[name] = path
+        logger.info("worker %s: adapter %r loaded from %s", getattr(self, "replica", "?"), name, path)
+
+    async def _have_adapters(self, names: set) -> None:
+        """Load the adapters among ``names`` that were added to the deployment since this worker started."""
+        missing = {n for n in names if n not in self._adapters}
+        if not missing or self._stats is None:
+            return
+        async with self._adapter_lock:
+            registered = await self._stats.lora_adapters.remote()
+            for name in sorted(missing):
+                if name in registered and name not in self._adapters:
+                    try:
+                        await asyncio.to_thread(self._load_adapter, name, registered[name])
+                    except Exception as exc:  # its rows say the adapter is unknown; the reason is logged
+                        logger.warning("adapter %r could not be loaded: %s", name, exc)
+
+    def _unknown_adapter(self, name: str) -> str:
+        return (f"adapter={name!r} is not an adapter of model {self.config.model!r}; available: "
+                f"{', '.join(sorted(self._adapters)) or 'none'}. Leave 'adapter' out for the base model, or add it "
+                f"with bls.add_adapter({self.config.model!r}, {name!r}, '/path/to/adapter')")
+
+    async def add_adapter(self, name: str, path: str) -> dict[str, Any]:
+        """Handle method (``bls.add_adapter``): load an adapter here; ``{"adapters": [...]}`` or ``{"error": ...}``."""
+        try:
+            async with self._adapter_lock:
+                await asyncio.to_thread(self._load_adapter, name, path)
+        except Exception as exc:
+            return {"error": str(exc) if isinstance(exc, ConfigError) else f"{type(exc).__name__}: {exc}"}
+        return {"adapters": sorted(self._adapters)}
+
     # ---- the response cache ---------------------------------------------------------------
     def _response_cache(self, spec):
         """The worker's :class:`~.cache.ResponseCache` for ``spec`` (opened once)."""
@@ -318,6 +372,16 @@ class ModelWorker:
                 results[i] = ChatResult(error=str(exc))
             except Exception as exc:  # any other malformed row (too deep, too big): that row's error alone
                 results[i] = ChatResult(error=_malformed(exc))
+        named = {r.adapter for r in todo if r.adapter is not None}
+        if named:
+            await self._have_adapters(named)
+            if not named <= self._adapters.keys():
+                kept = [(i, r) for i, r in zip(todo_idx, todo) if r.adapter is None or r.adapter in self._adapters]
+                for i, r in zip(todo_idx, todo):
+                    if r.adapter is not None and r.adapter not in self._adapters:
+                        results[i] = ChatResult(error=self._unknown_adapter(r.adapter),
+                                                metadata={"http_status": "404", "code": "model_not_found"})
+                todo_idx, todo = [i for i, _ in kept], [r for _, r in kept]
         async with self._busy(len(params)) as slot:
             if todo:
                 try:
@@ -353,6 +417,11 @@ class ModelWorker:
         if too_long:
             yield {"error": too_long, "status": 400}
             return
+        if request.adapter is not None and request.adapter not in self._adapters:
+            await self._have_adapters({request.adapter})
+            if request.adapter not in self._adapters:
+                yield {"error": self._unknown_adapter(request.adapter), "status": 404, "code": "model_not_found"}
+                return
         cache = self._cache_of(None)
         key = cache.key(request) if cache is not None else None
         if key is not None:
@@ -425,6 +494,7 @@ class ModelWorker:
             min_workers=self.config.initial_workers,
             worker_concurrency=self.config.worker_concurrency,
             embedding=bool(self.backend.supports_embedding),
+            adapters=sorted(self._adapters),
             preferred_batch_size=int(self.backend.preferred_batch_size),
         )
         return out
@@ -609,6 +679,19 @@ async def _read_body(request):
     except ClientDisconnect:
         return PlainTextResponse("the client went away before its body arrived", status_code=400)
     return b"".join(chunks)
+
+
+def _adapter_dir(path: str, cache_dir: str | None) -> str:
+    """An adapter's local directory: ``path`` itself, or a model table's copy on this node when ``path``
+    names a model table (``bls.save_model_table(adapter_dir, ...)``)."""
+    if os.path.isdir(path):
+        return path
+    from ..model_table import is_model_table, load_model_table
+
+    if is_model_table(path):
+        return load_model_table(path, cache_dir=cache_dir)
+    raise ConfigError(f"lora_adapters: {path!r} is neither an adapter directory on this node nor a model table; pass "
+                      "the directory bls.job_output(job) gives for bls.sft(..., merge=False), or a model table of it")
 
 
 def _row_texts(rows: list) -> tuple[list[str], list[int]]:

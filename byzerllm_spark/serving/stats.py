@@ -23,8 +23,12 @@ def stats_actor_name(model: str) -> str:
 
 @ray.remote(num_cpus=0, max_restarts=-1)
 class StatsActor:
-    def __init__(self, model: str, config_blob: bytes, strategy: str, max_concurrency: int) -> None:
+    def __init__(self, model: str, config_blob: bytes, strategy: str, max_concurrency: int,
+                 adapters: dict[str, str] | None = None) -> None:
         self.model = model
+        #: The deployment's LoRA adapters, {name: directory}: deploy's, then each bls.add_adapter's. Workers
+        #: load them at start and look here again when a row names one they do not have.
+        self.adapters: dict[str, str] = dict(adapters or {})
         self.config_blob = config_blob
         self.strategy = strategy
         self.max_concurrency = max_concurrency
@@ -51,6 +55,13 @@ class StatsActor:
 
     def config(self) -> bytes:
         return self.config_blob
+
+    def lora_adapters(self) -> dict[str, str]:
+        return dict(self.adapters)
+
+    def register_adapter(self, name: str, path: str) -> dict[str, str]:
+        self.adapters[name] = path
+        return dict(self.adapters)
 
 
 def get_stats_actor(model: str):
