@@ -56,6 +56,38 @@ class RequestParseError(RequestError, ValueError):
     """One request (row) is malformed: that row gets this error; the other rows are answered."""
 
 
+class RequestRefusedError(RequestError):
+    """A request its model cannot answer as asked (a parameter this engine does not honour, a prompt longer than
+    the model's context): the caller's error, answered 400 with OpenAI's ``param`` (and ``code``) set, never
+    retried. ``param`` names the request field (``logprobs``, ``tools``, ``messages``)."""
+
+    status = 400
+
+    def __init__(self, message: str, param: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+    def metadata(self) -> dict[str, str]:
+        """The row metadata that carries this error to the routes (``http_status``, ``param``, ``code``)."""
+        out = {"http_status": "400", "param": self.param}
+        if self.code:
+            out["code"] = self.code
+        return out
+
+
+class ContextLengthError(RequestRefusedError):
+    """The prompt does not fit the model's context window (OpenAI's ``context_length_exceeded``)."""
+
+    def __init__(self, prompt_tokens: int, context: int, param: str = "messages") -> None:
+        super().__init__(
+            f"the prompt is {prompt_tokens} tokens, more than this model's context of {context} tokens holds "
+            f"with room for an answer; shorten {param} (or deploy with a larger context, e.g. n_ctx= for llama_cpp)",
+            param, "context_length_exceeded")
+        self.prompt_tokens = prompt_tokens
+        self.context = context
+
+
 class SaasError(RequestError):
     """A SaaS vendor call failed for good. ``status`` is the vendor's HTTP status (502: no answer)."""
 

@@ -39,10 +39,31 @@ def test_chat_body_maps_to_llm_param():
         "generation.seed": 3, "generation.stop": ["\n"],
     }
     for bad, param in (({"messages": []}, "messages"), ({"messages": [{"role": "tool", "content": "x"}]}, "messages"),
-                       ({"messages": [{"role": "user", "content": "x"}], "n": 2}, "n"),
-                       ({"messages": [{"role": "user", "content": "x"}], "tools": [{}]}, "tools")):
+                       ({"messages": [{"role": "user", "content": "x"}], "n": 0}, "n"),
+                       ({"messages": [{"role": "user", "content": "x"}], "n": 2, "stream": True}, "n"),
+                       ({"messages": [{"role": "user", "content": "x"}], "functions": [{}]}, "functions"),
+                       ({"messages": [{"role": "user", "content": "x"}], "audio": {"voice": "a"}}, "audio"),
+                       ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
+                       ({"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21},
+                        "top_logprobs"),
+                       ({"messages": [{"role": "user", "content": "x"}], "seed": "7"}, "seed"),
+                       ({"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}, "tool_choice")):
         with pytest.raises(OpenAIError) as err:
             chat_params(bad)
+        assert err.value.status == 400 and err.value.param == param
+    # null is "not set"; tools and logprobs go to the engine, which honours or refuses them
+    user = [{"role": "user", "content": "x"}]
+    assert chat_params({"messages": user, "n": None, "stop": None, "seed": None, "logprobs": None, "tools": None,
+                        "audio": None, "temperature": None}) == {"messages": user}
+    assert chat_params({"messages": user, "logprobs": True, "top_logprobs": 2, "tools": [{"type": "function"}],
+                        "n": 2}) == {"messages": user, "generation.logprobs": True, "generation.top_logprobs": 2,
+                                     "generation.tools": [{"type": "function"}]}
+    assert completion_params({"prompt": "a", "logprobs": 3}) == [
+        {"instruction": "a", "generation.logprobs": True, "generation.top_logprobs": 3}]
+    for bad, param in (({"prompt": "a", "echo": True}, "echo"), ({"prompt": "a", "best_of": 3}, "best_of"),
+                       ({"prompt": "a", "logprobs": 6}, "logprobs")):
+        with pytest.raises(OpenAIError) as err:
+            completion_params(bad)
         assert err.value.status == 400 and err.value.param == param
     assert completion_params({"prompt": ["a", "b"], "max_tokens": 5}) == [
         {"instruction": "a", "max_tokens": 5}, {"instruction": "b", "max_tokens": 5}]

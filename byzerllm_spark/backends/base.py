@@ -75,6 +75,23 @@ def check_structured(request: "ChatRequest", result: ChatResult) -> ChatResult:
     return ChatResult(response=result.response, error=why, metadata={**result.metadata, "http_status": "502"})
 
 
+#: The OpenAI request fields that reach an engine as ``generation.<name>`` (``/v1`` maps them; SQL callers may pass
+#: them too). A built-in engine names those it honours (:attr:`Backend.openai_keys`); any other of these is
+#: refused with a 400 that names it, never silently dropped.
+OPENAI_GENERATION_KEYS = ("stop", "seed", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs",
+                          "top_logprobs", "tools", "tool_choice")
+
+
+def error_result(exc: BaseException) -> ChatResult:
+    """A failed row's :class:`ChatResult`: a refused request keeps its 400 status and ``param`` (see
+    :class:`~byzerllm_spark.errors.RequestRefusedError`); anything else is the engine's failure."""
+    from ..errors import RequestRefusedError
+
+    if isinstance(exc, RequestRefusedError):
+        return ChatResult(error=str(exc), metadata=exc.metadata())
+    return ChatResult(error=f"{type(exc).__name__}: {exc}")
+
+
 def prompt_messages(request: "ChatRequest", hint: bool = True) -> list[dict[str, str]]:
     """The request's messages as a local engine prompts them: with a ``response_format`` (and ``hint``), its
     :meth:`~byzerllm_spark.protocol.structured.ResponseFormat.hint` ends the system message."""
@@ -140,6 +157,34 @@ class Backend(abc.ABC):
             ConfigError: naming the key and listing the valid ones.
         """
         config.infer_params.check_keys(f"infer_backend={cls.name!r}")
+
+    #: The keys of :data:`OPENAI_GENERATION_KEYS` this engine honours; None: every ``generation.*`` key goes to
+    #: the engine as it is (SaaS vendors and plugins decide for themselves).
+    openai_keys: frozenset | None = None
+
+    def check_request(self, request: "ChatRequest") -> None:
+        """Refuse, before any work, a request that asks for something this engine does not do. The default
+        refuses the keys of :data:`OPENAI_GENERATION_KEYS` outside :attr:`openai_keys` (a null or false value is
+        "not set"). Engines add their own rules (``super().check_request(request)`` first).
+
+        Raises:
+            RequestRefusedError: naming the parameter (``param``), its value and the fix.
+        """
+        if self.openai_keys is None:
+            return
+        from ..errors import RequestRefusedError, bad_value
+
+        for key in OPENAI_GENERATION_KEYS:
+            value = request.generation.get(key)
+            if value in (None, False, "", [], {}, "false") or key in self.openai_keys:
+                continue
+            if key == "tool_choice" and value in ("none", "auto"):  # without tools: nothing to choose
+                continue
+            honoured = ", ".join(k for k in OPENAI_GENERATION_KEYS if k in self.openai_keys)
+            raise RequestRefusedError(bad_value(
+                key, value if not isinstance(value, (list, dict)) else f"<{type(value).__name__} of {len(value)}>",
+                f"backend {self.name!r} does not support it (it honours {honoured}); leave it out or deploy "
+                "another backend"), param=key)
 
     @abc.abstractmethod
     async def chat_batch(self, requests: "list[ChatRequest]") -> list[ChatResult]:

@@ -17,12 +17,23 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import re
 import threading
 from typing import Any, AsyncIterator
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ContextLengthError, RequestRefusedError
+from . import _generation
 from ._model_files import find_gguf
-from .base import Backend, ChatResult, prompt_messages, stop_event
+from .base import OPENAI_GENERATION_KEYS, Backend, ChatResult, error_result, prompt_messages, stop_event
+
+#: llama-cpp-python's error for a prompt longer than ``n_ctx`` (a ValueError): the caller's 400, not a 500.
+_TOO_LONG = re.compile(r"Requested tokens \((\d+)\) exceed context window of (\d+)")
+
+
+def _refused(exc: Exception) -> Exception:
+    """llama.cpp's context overflow as :class:`ContextLengthError`; any other error as it is."""
+    match = _TOO_LONG.search(str(exc)) if isinstance(exc, ValueError) else None
+    return ContextLengthError(int(match.group(1)), int(match.group(2))) if match else exc
 
 
 def _import_llama():
@@ -88,12 +99,37 @@ class LlamaCppBackend(Backend):
         self.context_length = int(self.llm.n_ctx())
         completion = inspect.signature(self.llm.create_chat_completion).parameters
         self._gen_keys = set(completion) - {"messages", "stream", "self"}
+        # Tools are refused (400, param "tools"): llama-cpp-python calls tools only through its own
+        # chat formats ("chatml-function-calling"), not through the model's GGUF chat template.
+        self.openai_keys = frozenset(OPENAI_GENERATION_KEYS) - {"tools", "tool_choice"}
+
+    def check_request(self, req) -> None:
+        """Refuse what this backend does not do (tools; ``logprobs`` unless deployed with ``logits_all=True``,
+        which llama.cpp needs to keep every step's logits) and malformed sampling values, naming them."""
+        super().check_request(req)
+        _generation.stop_sequences(req.generation.get("stop"))
+        _generation.penalties(req.generation, self.llm.n_vocab())
+        if _generation.top_logprobs(req.generation) is not None and not self.params.get("logits_all"):
+            raise RequestRefusedError(
+                "logprobs: this llama_cpp deployment keeps no per-token logits; deploy it with "
+                "infer_params={'logits_all': True} (llama.cpp then keeps n_ctx x vocabulary floats), or leave "
+                "logprobs out", param="logprobs")
 
     def _gen_kwargs(self, req) -> dict[str, Any]:
         kwargs = req.sampling()
         for key, value in req.generation.items():
             if key in self._gen_keys:
                 kwargs[key] = value
+        # OpenAI's values as llama.cpp takes them (a Spark map carries them as text; logit_bias keys as ints).
+        generation = req.generation
+        if generation.get("stop") is not None:
+            kwargs["stop"] = _generation.stop_sequences(generation["stop"])
+        presence, frequency, bias = _generation.penalties(generation, self.llm.n_vocab())
+        kwargs.update(presence_penalty=presence, frequency_penalty=frequency, logit_bias=bias or None)
+        k = _generation.top_logprobs(generation)
+        kwargs.update(logprobs=k is not None or None, top_logprobs=k)
+        if generation.get("seed") not in (None, ""):
+            kwargs["seed"] = int(generation["seed"])
         if req.response_format is not None:
             kwargs["grammar"] = self._grammar(req.response_format)
         return kwargs
@@ -110,17 +146,23 @@ class LlamaCppBackend(Backend):
         return grammar
 
     def _answer(self, req) -> ChatResult:
-        out = self.llm.create_chat_completion(messages=prompt_messages(req), **self._gen_kwargs(req))
+        try:
+            out = self.llm.create_chat_completion(messages=prompt_messages(req), **self._gen_kwargs(req))
+        except ValueError as exc:
+            raise _refused(exc) from None
         usage = out.get("usage") or {}
         choice = out["choices"][0]
-        return ChatResult(
-            response=choice["message"]["content"] or "",
-            metadata={
-                "prompt_tokens": str(usage.get("prompt_tokens", 0)),
-                "completion_tokens": str(usage.get("completion_tokens", 0)),
-                "finish_reason": str(choice.get("finish_reason")),
-            },
-        )
+        metadata = {
+            "prompt_tokens": str(usage.get("prompt_tokens", 0)),
+            "completion_tokens": str(usage.get("completion_tokens", 0)),
+            "finish_reason": str(choice.get("finish_reason")),
+        }
+        logprobs = (choice.get("logprobs") or {}).get("content")
+        if logprobs is not None:  # llama-cpp-python gives numpy floats and no bytes
+            for entry in [e for item in logprobs for e in (item, *(item.get("top_logprobs") or []))]:
+                entry["bytes"] = entry.get("bytes") or list(str(entry["token"]).encode("utf-8"))
+            metadata["logprobs"] = json.dumps(logprobs, ensure_ascii=False, default=float)
+        return ChatResult(response=choice["message"]["content"] or "", metadata=metadata)
 
     def _run(self, requests) -> list[ChatResult]:
         out = []
@@ -133,7 +175,7 @@ class LlamaCppBackend(Backend):
                 try:
                     out.append(self._answer(req))
                 except Exception as exc:
-                    out.append(ChatResult(error=f"{type(exc).__name__}: {exc}"))
+                    out.append(error_result(exc))
         return out
 
     async def chat_batch(self, requests) -> list[ChatResult]:
@@ -148,16 +190,24 @@ class LlamaCppBackend(Backend):
         def produce() -> None:
             try:
                 with self._lock:
+                    tokens, finish = 0, "stop"
                     for chunk in self.llm.create_chat_completion(
                         messages=prompt_messages(request), stream=True, **self._gen_kwargs(request)
                     ):
                         if gone.is_set():  # the caller went away: stop at this token
                             break
-                        piece = chunk["choices"][0].get("delta", {}).get("content")
+                        choice = chunk["choices"][0]
+                        piece = choice.get("delta", {}).get("content")
+                        finish = choice.get("finish_reason") or finish
                         if piece:
+                            tokens += 1  # llama-cpp-python streams one chunk per token
                             loop.call_soon_threadsafe(queue.put_nowait, piece)
+                    # Its stream carries no usage: the context holds the prompt and the answer's tokens.
+                    usage = {"prompt_tokens": str(max(0, self.llm.n_tokens - tokens)),
+                             "completion_tokens": str(tokens), "finish_reason": str(finish)}
+                    loop.call_soon_threadsafe(queue.put_nowait, ChatResult(metadata=usage))
             except Exception as exc:
-                loop.call_soon_threadsafe(queue.put_nowait, exc)
+                loop.call_soon_threadsafe(queue.put_nowait, _refused(exc))
             loop.call_soon_threadsafe(queue.put_nowait, done)
 
         task = loop.run_in_executor(None, produce)

@@ -377,6 +377,11 @@ class SaasBackend(Backend):
         }
         if message.get("reasoning_content"):
             meta["reasoning_content"] = str(message["reasoning_content"])
+        # What /v1 passes back as it came (the request's logprobs / tools went upstream as generation.*).
+        if isinstance(choice.get("logprobs"), dict) and choice["logprobs"].get("content") is not None:
+            meta["logprobs"] = json.dumps(choice["logprobs"]["content"], ensure_ascii=False)
+        if message.get("tool_calls"):
+            meta["tool_calls"] = json.dumps(message["tool_calls"], ensure_ascii=False)
         return ChatResult(response=str(text), metadata=meta)
 
     async def chat_batch(self, requests) -> list[ChatResult]:

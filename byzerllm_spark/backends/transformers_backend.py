@@ -32,9 +32,10 @@ import os
 import threading
 from typing import Any, AsyncIterator
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ContextLengthError, RequestRefusedError
+from . import _generation
 from ._model_files import dequantised_dir, find_gguf, is_hf_dir
-from .base import Backend, ChatResult, prompt_messages, stop_event
+from .base import OPENAI_GENERATION_KEYS, Backend, ChatResult, error_result, prompt_messages, stop_event
 
 #: generate() keyword arguments a request may set through ``generation.<name>``.
 _GENERATE_KEYS = {
@@ -46,6 +47,12 @@ _GENERATE_KEYS = {
     "stop_strings",
     "seed",
 }
+
+
+#: OpenAI's sampling keys this backend applies itself (:mod:`._generation`); rows of one ``generate`` call share them.
+_OPENAI_KEYS = {"stop", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "top_logprobs"}
+#: Rows with different seeds share a call: each row samples from its own generator (SeededSampler).
+_GROUP_KEYS = (_GENERATE_KEYS - {"seed"}) | _OPENAI_KEYS
 
 
 #: ``backend.<name>`` keys: ``from_pretrained`` arguments that make sense for a served model (transformers
@@ -254,6 +261,31 @@ class TransformersBackend(Backend):
         self._grammars: dict[str, str] = {}
         context = getattr(self.model.config, "max_position_embeddings", None)
         self.context_length = int(context) if context else None
+        # Tools are refused (400, param "tools"): rendering them needs a chat template written for tools, and
+        # reading the call back a format per model family; SmolLM2's template has none.
+        self.openai_keys = frozenset(OPENAI_GENERATION_KEYS) - {"tools", "tool_choice"}
+
+    def check_request(self, req) -> None:
+        """Refuse, before any work, what this backend does not do, and malformed OpenAI sampling values
+        (``stop``, penalties, ``logit_bias``, ``top_logprobs``), each naming its parameter."""
+        super().check_request(req)
+        _generation.stop_sequences(req.generation.get("stop"))
+        _generation.penalties(req.generation, self._vocab_size())
+        _generation.top_logprobs(req.generation)
+
+    def _vocab_size(self) -> int:
+        return int(getattr(self.model.config, "vocab_size", None) or len(self.tokenizer))
+
+    def _check_context(self, req) -> None:
+        """Refuse a prompt that leaves no room for an answer in the model's context (400, never a 500)."""
+        if not self.context_length:
+            return
+        prompt = self.prompt(req)
+        if len(prompt.encode("utf-8")) < self.context_length:  # fewer bytes than tokens allowed: fits
+            return
+        tokens = len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        if tokens >= self.context_length:
+            raise ContextLengthError(tokens, self.context_length)
 
     # ---- prompts ------------------------------------------------------------------------
     def prompt(self, req) -> str:
@@ -273,7 +305,8 @@ class TransformersBackend(Backend):
 
     @staticmethod
     def _group_key(req) -> tuple:
-        extra = tuple(sorted((k, repr(v)) for k, v in req.generation.items() if k in _GENERATE_KEYS))
+        extra = tuple(sorted((k, repr(v)) for k, v in req.generation.items() if k in _GROUP_KEYS))
+        extra += (("seeded", _seeded_sampling(req)),)
         sample = req.temperature > 0
         return (req.adapter or "", sample, req.temperature if sample else 0.0, req.top_p if sample else 1.0, req.top_k,
                 extra)
@@ -291,13 +324,24 @@ class TransformersBackend(Backend):
                 kwargs["top_k"] = first.top_k
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        seeded = _seeded_sampling(first)
+        if seeded:  # each row samples from its own seeded generator (_processors); generate() just takes its token
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         for key, value in first.generation.items():
             if key == "seed":
-                self.torch.manual_seed(int(value))
+                if not seeded:
+                    self.torch.manual_seed(int(value))
             elif key == "stop_strings":
                 kwargs.update(stop_strings=value, tokenizer=self.tokenizer)
             elif key in _GENERATE_KEYS:
                 kwargs[key] = value
+        stops = _generation.stop_sequences(first.generation.get("stop"))
+        if stops:  # generation ends at them; the answer is cut before them (_result)
+            given = kwargs.get("stop_strings") or []
+            kwargs.update(stop_strings=[*([given] if isinstance(given, str) else given), *stops],
+                          tokenizer=self.tokenizer)
+        if _generation.top_logprobs(first.generation) is not None:
+            kwargs.update(output_logits=True, return_dict_in_generate=True)
         return kwargs
 
     def _grammar(self, reqs) -> "_Grammar | None":
@@ -326,27 +370,59 @@ class TransformersBackend(Backend):
         return _Grammar(matchers, self.tokenizer.eos_token_id, self.torch)
 
     def _processors(self, reqs) -> dict[str, Any]:
+        processors = []
+        presence, frequency, bias = _generation.penalties(reqs[0].generation, self._vocab_size())
+        if presence or frequency or bias:
+            processors.append(_generation.PenaltyProcessor(presence, frequency, bias, self.torch))
         grammar = self._grammar(reqs)
-        if grammar is None:
+        if grammar is not None:
+            processors.append(grammar)
+        first = reqs[0]
+        if _seeded_sampling(first):  # last: after the grammar's mask, as generate's own warpers come after it
+            t = self.transformers
+            warpers = [t.TemperatureLogitsWarper(first.temperature)]
+            if first.top_k is not None:
+                warpers.append(t.TopKLogitsWarper(top_k=first.top_k))
+            if first.top_p < 1.0:
+                warpers.append(t.TopPLogitsWarper(top_p=first.top_p))
+            processors.append(_generation.SeededSampler([r.generation["seed"] for r in reqs], warpers, self.torch,
+                                                        self.device))
+        if not processors:
             return {}
-        return {"logits_processor": self.transformers.LogitsProcessorList([grammar])}
+        return {"logits_processor": self.transformers.LogitsProcessorList(processors)}
 
-    def _result(self, new_tokens: list[int], prompt_tokens: int, max_length: int) -> ChatResult:
-        """One answer from its generated token ids: cut at end-of-sequence, decoded, with usage."""
+    def _result(self, new_tokens: list[int], prompt_tokens: int, max_length: int, req=None,
+                logits: list | None = None) -> ChatResult:
+        """One answer from its generated token ids: cut at end-of-sequence or at the request's first ``stop``
+        sequence, decoded, with usage (and ``logprobs`` as JSON text when asked: ``logits[j]`` is the row's raw
+        logits at step ``j``)."""
         new_tokens = new_tokens[:max_length]
         eos = self.tokenizer.eos_token_id
         finish = "length"
         if eos is not None and eos in new_tokens:
             new_tokens = new_tokens[: new_tokens.index(eos)]
             finish = "stop"
-        return ChatResult(
-            response=self.tokenizer.decode(new_tokens, skip_special_tokens=True).strip(),
-            metadata={
-                "prompt_tokens": str(prompt_tokens),
-                "completion_tokens": str(len(new_tokens)),
-                "finish_reason": finish,
-            },
-        )
+        text = self.tokenizer.decode(new_tokens, skip_special_tokens=True).lstrip()
+        stops = _generation.stop_sequences(req.generation.get("stop")) if req is not None else []
+        if stops:
+            text, stopped = _generation.cut_at_stop(text, stops)
+            if stopped:  # count the tokens up to the one that completed the stop sequence
+                finish = "stop"
+                for n in range(1, len(new_tokens) + 1):
+                    decoded = self.tokenizer.decode(new_tokens[:n], skip_special_tokens=True).lstrip()
+                    if _generation.cut_at_stop(decoded, stops)[1]:
+                        new_tokens = new_tokens[:n]
+                        break
+        metadata = {
+            "prompt_tokens": str(prompt_tokens),
+            "completion_tokens": str(len(new_tokens)),
+            "finish_reason": finish,
+        }
+        k = _generation.top_logprobs(req.generation) if req is not None else None
+        if k is not None and logits is not None:
+            entries = _generation.token_logprobs(self.tokenizer, self.torch, logits, new_tokens, k)
+            metadata["logprobs"] = json.dumps(entries, ensure_ascii=False)
+        return ChatResult(response=text.strip(), metadata=metadata)
 
     def _generate(self, reqs, stop: threading.Event | None = None) -> list[ChatResult]:
         prompts = [self.prompt(r) for r in reqs]
@@ -358,8 +434,10 @@ class TransformersBackend(Backend):
         with self.torch.inference_mode(), self._with_adapter(reqs[0].adapter):
             output = self.model.generate(**enc, **kwargs)
         prompt_len = enc["input_ids"].shape[1]
+        sequences, logits = getattr(output, "sequences", output), getattr(output, "logits", None)
         return [
-            self._result(output[i, prompt_len:].tolist(), int(enc["attention_mask"][i].sum()), req.max_length)
+            self._result(sequences[i, prompt_len:].tolist(), int(enc["attention_mask"][i].sum()), req.max_length,
+                         req, None if logits is None else [step[i] for step in logits])
             for i, req in enumerate(reqs)
         ]
 
@@ -367,10 +445,15 @@ class TransformersBackend(Backend):
         results: list[ChatResult | None] = [None] * len(requests)
         groups: dict[tuple, list[int]] = {}
         for i, req in enumerate(requests):
+            try:
+                self._check_context(req)
+            except ContextLengthError as exc:
+                results[i] = error_result(exc)
+                continue
             groups.setdefault(self._group_key(req), []).append(i)
         stop = stop_event()
         with self._lock:
-            for idx in groups.values():
+            for key, idx in groups.items():
                 # Sorting by prompt length keeps padding small inside each generate call.
                 idx.sort(key=lambda i: len(requests[i].instruction))
                 for start in range(0, len(idx), self.max_batch_size):
@@ -383,7 +466,7 @@ class TransformersBackend(Backend):
                     try:
                         answers = self._generate([requests[i] for i in chunk], stop)
                     except Exception as exc:
-                        answers = [ChatResult(error=f"{type(exc).__name__}: {exc}")] * len(chunk)
+                        answers = [error_result(exc)] * len(chunk)
                     for i, answer in zip(chunk, answers):
                         results[i] = answer
         return results  # type: ignore[return-value]
@@ -412,29 +495,33 @@ class TransformersBackend(Backend):
                 outcome["error"] = exc
                 streamer.end()
 
+        self._check_context(request)
         worker = threading.Thread(target=generate, name="transformers-stream", daemon=True)
         worker.start()
-        pending, started, done = "", False, object()
+        # Whitespace at either end and text that may begin a stop sequence are held back (TextStream).
+        text = _generation.TextStream(_generation.stop_sequences(request.generation.get("stop")))
+        done, stopped = object(), False
         try:
-            while True:
+            while not stopped:
                 piece = await asyncio.to_thread(next, streamer, done)
                 if piece is done:
                     break
-                text = pending + piece
-                if not started:
-                    text = text.lstrip()
-                kept = text.rstrip()
-                pending = text[len(kept):]
-                if kept:
-                    started = True
-                    yield kept
+                out, stopped = text.feed(piece)
+                if out:
+                    yield out
+            rest = "" if stopped else text.finish()
+            if rest:
+                yield rest
         finally:
             cancelled.set()  # a caller that went away stops the generation at its next token
             await asyncio.to_thread(worker.join)
         if "error" in outcome:
             raise outcome["error"]
         prompt_len = enc["input_ids"].shape[1]
-        result = self._result(outcome["output"][0, prompt_len:].tolist(), prompt_len, request.max_length)
+        output = outcome["output"]
+        sequences, logits = getattr(output, "sequences", output), getattr(output, "logits", None)
+        result = self._result(sequences[0, prompt_len:].tolist(), prompt_len, request.max_length, request,
+                              None if logits is None else [step[0] for step in logits])
         yield ChatResult(metadata=result.metadata)
 
     async def count_tokens(self, texts: list[str]) -> list[int]:

@@ -64,6 +64,9 @@ class ChatRequest:
     top_k: int | None = None
     generation: dict = field(default_factory=dict)
     response_format: ResponseFormat | None = None
+    #: False when ``messages`` ended without a user turn (only system or assistant turns, as OpenAI allows):
+    #: ``instruction`` is then empty and no user turn is added; the model answers the conversation as it stands.
+    final_user_turn: bool = True
     adapter: str | None = None
 
     def sampling(self) -> dict[str, Any]:
@@ -79,7 +82,8 @@ class ChatRequest:
         if self.system_msg:
             out.append({"role": "system", "content": self.system_msg})
         out.extend(self.history)
-        out.append({"role": "user", "content": self.instruction})
+        if self.final_user_turn:
+            out.append({"role": "user", "content": self.instruction})
         return out
 
 
@@ -214,16 +218,17 @@ def parse_request(params: Any, defaults: Mapping[str, Any] | None = None) -> Cha
         if instruction is not None:
             raise RequestParseError("pass either 'instruction' (with 'history') or 'messages', not both")
         turns = _turns("messages", values["messages"])
-        if not turns or turns[-1]["role"] != "user":
-            raise RequestParseError("'messages' must end with a user turn: the question to answer")
+        if not turns:
+            raise RequestParseError('\'messages\' is empty: pass at least one turn, e.g. [{"role": "user", "content": "hi"}]')
+        final_user_turn = turns[-1]["role"] == "user"
         past = []
-        for turn in turns[:-1]:
+        for turn in turns[:-1] if final_user_turn else turns:
             if turn["role"] == "system":
                 system_msg = turn["content"] if system_msg is None else system_msg + "\n" + turn["content"]
             else:
                 past.append(turn)
         history = tuple(past)
-        instruction = turns[-1]["content"]
+        instruction = turns[-1]["content"] if final_user_turn else ""
     elif values.get("history") is not None:
         history = tuple(_turns("history", values["history"]))
     if instruction is None and "instruction" in values:
@@ -234,6 +239,8 @@ def parse_request(params: Any, defaults: Mapping[str, Any] | None = None) -> Cha
         )
     request = ChatRequest(instruction if type(instruction) is str else _text("instruction", instruction), history,
                           generation=generation)
+    if values.get("messages") is not None and not final_user_turn:
+        request.final_user_turn = False
     if system_msg is not None:
         request.system_msg = _text("system_msg", system_msg)
     # This runs once per row: only the keys present cost anything (most rows carry one to four).

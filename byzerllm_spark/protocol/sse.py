@@ -2,7 +2,8 @@
 
 Each event is one ``data: <json>\\n\\n`` frame. The model route sends ``{"text": piece}`` items, then
 one ``{"metadata": {...}}`` item (usage, finish reason), or ``{"error": message}`` if the model fails
-midway. The OpenAI route sends OpenAI's chunk objects and ends with ``data: [DONE]``.
+midway. The OpenAI route sends OpenAI's chunk objects and ends with ``data: [DONE]``; its Responses API
+(``/v1/responses``) sends named events (``event: response.output_text.delta``...) and no ``[DONE]``.
 """
 
 from __future__ import annotations
@@ -29,3 +30,9 @@ def parse(lines: Iterable[str]) -> Iterator[Any]:
         if payload == DONE:
             return
         yield json.loads(payload)
+
+
+def named_event(name: str, item: Any) -> str:
+    """One frame with an event name (``event: <name>`` then ``data: <json>``), as OpenAI's Responses API
+    streams its typed events."""
+    return f"event: {name}\ndata: {json.dumps(item, ensure_ascii=False)}\n\n"

@@ -1,18 +1,25 @@
 """The OpenAI-compatible API of a cluster: one Serve application at route prefix ``/v1``.
 
 ``POST /v1/chat/completions`` (``stream=true`` as server-sent events), ``POST /v1/completions``,
-``POST /v1/embeddings`` and ``GET /v1/models``. The request's ``model`` names the deployment; the
-app forwards to its replicas through deployment handles (``chat_batch``, ``stream_chat``,
-``embed_rows`` of :class:`~byzerllm_spark.serving.replica.ModelWorker`), so the model's router,
-counters and ``stat()`` see these requests like any other. ``deploy()`` starts the app once per
-cluster (``ensure_openai_app``).
+``POST /v1/responses`` (the Responses API, plain and streamed), ``POST /v1/embeddings``, ``GET /v1/models``
+and ``GET /v1/models/{id}``. The request's ``model`` names the deployment; the app forwards to its replicas
+through deployment handles (``chat_batch``, ``stream_chat``, ``embed_rows`` of
+:class:`~byzerllm_spark.serving.replica.ModelWorker`), so the model's router, counters and ``stat()`` see
+these requests like any other. ``deploy()`` starts the app once per cluster (``ensure_openai_app``).
 
-OpenAI fields map to ``llm_param`` keys: ``messages``, ``temperature``, ``top_p``, ``max_tokens``
-(or ``max_completion_tokens``), ``top_k``; ``seed``, ``stop``, ``presence_penalty``,
-``frequency_penalty`` and ``logit_bias`` travel as ``generation.<name>``. ``response_format``
-(``json_object``, or ``json_schema`` with a schema, OpenAI's shape) is the request's structured output:
-the engine constrains its decoding and the worker checks the answer; a malformed one is a 400. A
-prompt of ``/v1/completions`` is answered as one user turn. Not supported (400): ``n`` > 1, tools.
+OpenAI fields map to ``llm_param`` keys: ``messages``, ``temperature``, ``top_p``, ``max_tokens`` (or
+``max_completion_tokens``), ``top_k``; ``seed``, ``stop``, ``presence_penalty``, ``frequency_penalty``,
+``logit_bias``, ``logprobs`` / ``top_logprobs`` and ``tools`` / ``tool_choice`` travel as
+``generation.<name>``, and each engine honours them or refuses them (400 naming the parameter, see
+:meth:`~byzerllm_spark.backends.base.Backend.check_request`). ``response_format`` (``json_object``, or
+``json_schema`` with a schema, OpenAI's shape) is the request's structured output: the engine constrains its
+decoding and the worker checks the answer; a malformed one is a 400. ``n`` choices are ``n`` rows of one
+batch (with a ``seed``, choice ``i`` uses ``seed + i``). A prompt of ``/v1/completions`` is answered as one
+user turn. A null field is a field not set. Fields of OpenAI's API that no engine here serves (audio,
+predicted outputs, web search...) are refused with a 400 that names them (:data:`REFUSED`); the rest of
+OpenAI's bookkeeping fields (``user``, ``store``, ``metadata``...) are accepted and have no effect. Every
+error on the client's side (a bad value, a prompt longer than the model's context) is a 4xx with OpenAI's
+error body (``param`` set), so clients do not retry it.
 """
 
 from __future__ import annotations
@@ -37,9 +44,26 @@ logger = logging.getLogger("byzerllm_spark.openai")
 INGRESS_NAME = "OpenAIIngress"
 #: OpenAI request fields passed to the model as ``generation.<name>``.
 PASSTHROUGH = ("seed", "stop", "presence_penalty", "frequency_penalty", "logit_bias")
-_IGNORED = {"model", "messages", "prompt", "stream", "stream_options", "n", "user", "temperature", "top_p",
-            "max_tokens", "max_completion_tokens", "top_k", "echo", "suffix", "best_of", "logprobs",
-            "store", "metadata", "parallel_tool_calls", "service_tier"}
+#: OpenAI's most choices per request.
+MAX_N = 128
+#: Fields of OpenAI's API that nothing here serves: a request that sets one (not null, not false, not empty)
+#: gets a 400 naming it, with the fix.
+REFUSED = {
+    "audio": "audio output is not served; ask for text",
+    "modalities": "only text is served; leave modalities out or pass [\"text\"]",
+    "prediction": "predicted outputs are not served; leave prediction out",
+    "web_search_options": "web search is not served; leave web_search_options out",
+    "functions": "the deprecated functions field is not served; pass tools",
+    "function_call": "the deprecated function_call field is not served; pass tool_choice",
+    "reasoning_effort": "the models served here have no reasoning settings; leave reasoning_effort out",
+    "echo": "echo is not served; leave it out",
+    "suffix": "suffix (insertion) is not served; leave it out",
+    "previous_response_id": "responses are not stored here; send the whole conversation as input",
+    "conversation": "conversations are not stored here; send the whole conversation as input",
+    "background": "background responses are not served; leave background out",
+    "prompt": "stored prompt templates are not served; send input",
+    "reasoning": "the models served here have no reasoning settings; leave reasoning out",
+}
 
 
 class OpenAIError(Exception):
@@ -59,50 +83,104 @@ class OpenAIError(Exception):
 
 
 # ---- request mapping (pure; unit-tested) ---------------------------------------------------------
-def _text_content(content: Any, generation: dict[str, Any]) -> str:
+def _text_content(content: Any, generation: dict[str, Any], param: str = "messages") -> str:
     """OpenAI content: a string, or parts (text joined; the first image URL → generation.image)."""
     if content is None or isinstance(content, str):
         return content or ""
     if not isinstance(content, list):
-        raise OpenAIError("message content must be a string or a list of content parts", param="messages")
+        raise OpenAIError(f"{param}: message content must be a string or a list of content parts", param=param)
     texts = []
     for part in content:
         kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text":
+        if kind in ("text", "input_text", "output_text"):
             texts.append(str(part.get("text", "")))
-        elif kind == "image_url":
+        elif kind in ("image_url", "input_image"):
             url = part.get("image_url")
             url = url.get("url") if isinstance(url, dict) else url
             generation.setdefault("generation.image", url)
         else:
-            raise OpenAIError(f"content part type {kind!r} is not supported; use 'text' or 'image_url'", param="messages")
+            raise OpenAIError(f"content part type {kind!r} is not supported; use 'text' or 'image_url'", param=param)
     return "\n".join(texts)
 
 
-def _common_params(body: dict[str, Any], params: dict[str, Any]) -> None:
-    if body.get("tools") or body.get("functions"):
-        raise OpenAIError("tools and functions are not supported by this endpoint", param="tools")
-    n = body.get("n")
-    if n not in (None, 1):
-        raise OpenAIError(f"n={n!r} is not supported: ask for one choice per request (n=1)", param="n")
+def _is_set(value: Any) -> bool:
+    """OpenAI's "not set": null, and for the refused fields also false and empty."""
+    return value not in (None, False, "", [], {})
+
+
+def _int(body: dict[str, Any], key: str, lo: int, hi: int, default: int | None = None) -> int | None:
+    value = body.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise OpenAIError(f"{key}={value!r} is not valid: pass an integer from {lo} to {hi}", param=key)
+    return value
+
+
+def choices_asked(body: dict[str, Any]) -> int:
+    """The request's ``n`` (1 when not set).
+
+    Raises:
+        OpenAIError: not an integer from 1 to :data:`MAX_N` (400, param ``n``).
+    """
+    return _int(body, "n", 1, MAX_N, 1)
+
+
+def _refuse(body: dict[str, Any], keys) -> None:
+    for key in keys:
+        if key in REFUSED and _is_set(body.get(key)):
+            if key == "modalities" and body[key] == ["text"]:
+                continue
+            raise OpenAIError(f"{key}={_short(body[key])!r} is not supported: {REFUSED[key]}", param=key)
+
+
+def _short(value: Any) -> Any:
+    return value if not isinstance(value, (list, dict)) or len(json.dumps(value)) < 120 else \
+        f"<{type(value).__name__} of {len(value)}>"
+
+
+#: The fields of :data:`REFUSED` each route knows.
+CHAT_REFUSED = ("audio", "modalities", "prediction", "web_search_options", "functions", "function_call",
+                "reasoning_effort")
+COMPLETION_REFUSED = ("echo", "suffix")
+RESPONSES_REFUSED = ("previous_response_id", "conversation", "background", "prompt", "reasoning")
+
+
+def _common_params(body: dict[str, Any], params: dict[str, Any], refused=CHAT_REFUSED) -> None:
+    _refuse(body, refused)
+    choices_asked(body)
     for key in ("temperature", "top_p", "top_k"):
         if body.get(key) is not None:
             params[key] = body[key]
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    max_tokens = body.get("max_completion_tokens")
+    if max_tokens is None:
+        max_tokens = body.get("max_tokens")
     if max_tokens is not None:
         params["max_tokens"] = max_tokens
     for key in PASSTHROUGH:
         if body.get(key) is not None:
             params[f"generation.{key}"] = body[key]
+    if body.get("seed") is not None and (isinstance(body["seed"], bool) or not isinstance(body["seed"], int)):
+        raise OpenAIError(f"seed={body['seed']!r} is not valid: pass an integer", param="seed")
     if body.get("response_format") is not None:
         params["response_format"] = body["response_format"]
+    if _is_set(body.get("tools")) and body.get("tool_choice") != "none":  # the engine renders them or refuses them
+        params["generation.tools"] = body["tools"]
+        if body.get("tool_choice") is not None:
+            params["generation.tool_choice"] = body["tool_choice"]
+    elif not _is_set(body.get("tools")) and body.get("tool_choice") not in (None, "none", "auto"):
+        raise OpenAIError(f"tool_choice={_short(body['tool_choice'])!r} needs tools: pass tools, or leave "
+                          "tool_choice out", param="tool_choice")
+    if body.get("stream") and body.get("n") not in (None, 1):
+        raise OpenAIError(f"n={body['n']!r} with stream=true is not supported: stream one choice, or ask for n "
+                          "choices without stream", param="n")
 
 
 def chat_params(body: dict[str, Any]) -> dict[str, Any]:
-    """The ``llm_param`` request for a ``/v1/chat/completions`` body.
+    """The ``llm_param`` request for a ``/v1/chat/completions`` body (one choice; see :func:`choices_asked`).
 
     Raises:
-        OpenAIError: the body asks for something this API does not do (status 400).
+        OpenAIError: the body asks for something this API does not do (status 400, ``param`` set).
     """
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -119,6 +197,17 @@ def chat_params(body: dict[str, Any]) -> dict[str, Any]:
         turns.append({"role": role, "content": _text_content(message.get("content"), params)})
     params["messages"] = turns
     _common_params(body, params)
+    top = _int(body, "top_logprobs", 0, 20)
+    if body.get("logprobs") is True:
+        params["generation.logprobs"] = True
+        params["generation.top_logprobs"] = top or 0
+    elif body.get("logprobs") not in (None, False):
+        raise OpenAIError(f"logprobs={body['logprobs']!r} is not valid: pass true or false", param="logprobs")
+    elif top is not None:
+        raise OpenAIError("top_logprobs needs logprobs=true", param="top_logprobs")
+    if body.get("stream") and body.get("logprobs"):
+        raise OpenAIError("logprobs with stream=true is not supported: ask for logprobs without stream",
+                          param="logprobs")
     return params
 
 
@@ -130,8 +219,86 @@ def completion_params(body: dict[str, Any]) -> list[dict[str, Any]]:
         raise OpenAIError("'prompt' must be a string or a list of strings (token arrays are not supported)",
                           param="prompt")
     common: dict[str, Any] = {}
-    _common_params(body, common)
+    _common_params(body, common, COMPLETION_REFUSED)
+    if body.get("tools") is not None or body.get("tool_choice") is not None:
+        raise OpenAIError("tools are a chat field: send them to /v1/chat/completions", param="tools")
+    common.pop("generation.tools", None)
+    best_of = body.get("best_of")
+    if best_of not in (None, 1) and best_of != body.get("n", 1):
+        raise OpenAIError(f"best_of={best_of!r} is not supported: ask for n choices (best_of=n or leave it out)",
+                          param="best_of")
+    top = _int(body, "logprobs", 0, 5)  # /v1/completions: the number of alternatives per token
+    if top is not None:
+        if body.get("stream"):
+            raise OpenAIError("logprobs with stream=true is not supported: ask for logprobs without stream",
+                              param="logprobs")
+        common.update({"generation.logprobs": True, "generation.top_logprobs": top})
     return [{"instruction": p, **common} for p in prompts]
+
+
+def responses_params(body: dict[str, Any]) -> dict[str, Any]:
+    """The ``llm_param`` request for a ``/v1/responses`` body (OpenAI's Responses API): ``input`` (a string, or
+    a list of messages whose content is a string or ``input_text`` / ``output_text`` parts), ``instructions``
+    (the system message), ``max_output_tokens``, ``temperature``, ``top_p``, ``text.format`` (``text``,
+    ``json_object`` or ``json_schema`` with ``name`` / ``schema``), and the sampling fields of chat.
+
+    Raises:
+        OpenAIError: the body asks for something this API does not do (status 400, ``param`` set): tools,
+            stored responses (``previous_response_id``), an input item that is not a message.
+
+    Example:
+        >>> responses_params({"input": "hi", "instructions": "Be brief.", "max_output_tokens": 8})["messages"]
+        [{'role': 'system', 'content': 'Be brief.'}, {'role': 'user', 'content': 'hi'}]
+    """
+    params: dict[str, Any] = {}
+    turns: list[dict[str, str]] = []
+    if body.get("instructions") is not None:
+        if not isinstance(body["instructions"], str):
+            raise OpenAIError("instructions must be a string", param="instructions")
+        turns.append({"role": "system", "content": body["instructions"]})
+    value = body.get("input")
+    if isinstance(value, str):
+        turns.append({"role": "user", "content": value})
+    elif isinstance(value, list) and value:
+        for i, item in enumerate(value):
+            if not isinstance(item, dict) or item.get("type", "message") != "message" or "role" not in item:
+                kind = item.get("type") if isinstance(item, dict) else type(item).__name__
+                raise OpenAIError(f"input[{i}] of type {kind!r} is not supported: pass messages "
+                                  "({'role': ..., 'content': ...})", param="input")
+            role = {"developer": "system"}.get(item["role"], item["role"])
+            if role not in ("system", "user", "assistant"):
+                raise OpenAIError(f"input[{i}].role={role!r} is not supported; use system, user or assistant",
+                                  param="input")
+            turns.append({"role": role, "content": _text_content(item.get("content"), params, "input")})
+    else:
+        raise OpenAIError("'input' must be a string or a non-empty list of messages", param="input")
+    params["messages"] = turns
+    if _is_set(body.get("tools")):
+        raise OpenAIError("tools are not supported on /v1/responses here; leave tools out", param="tools")
+    for key in ("n", "stop", "logprobs", "logit_bias", "presence_penalty", "frequency_penalty", "max_tokens",
+                "messages", "response_format"):
+        if body.get(key) is not None:  # chat's names: the Responses API has its own or none
+            raise OpenAIError(f"{key} is not a field of /v1/responses", param=key)
+    if body.get("top_logprobs") not in (None, 0):
+        raise OpenAIError("top_logprobs is not supported on /v1/responses; use /v1/chat/completions with logprobs",
+                          param="top_logprobs")
+    clean = {k: v for k, v in body.items() if k not in ("tools", "tool_choice", "top_logprobs")}
+    _common_params(clean, params, RESPONSES_REFUSED)
+    if body.get("max_output_tokens") is not None:
+        params["max_tokens"] = body["max_output_tokens"]
+    fmt = (body.get("text") or {}).get("format") if isinstance(body.get("text"), dict) else None
+    if body.get("text") is not None and not isinstance(body["text"], dict):
+        raise OpenAIError("text must be an object like {'format': {'type': 'text'}}", param="text")
+    if fmt is not None:
+        if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object", "json_schema"):
+            raise OpenAIError(f"text.format={_short(fmt)!r} is not valid: use type 'text', 'json_object' or "
+                              "'json_schema' (with name and schema)", param="text.format")
+        if fmt["type"] == "json_schema":
+            params["response_format"] = {"type": "json_schema", "json_schema": {
+                "name": fmt.get("name") or "answer", "schema": fmt.get("schema"), "strict": fmt.get("strict")}}
+        elif fmt["type"] == "json_object":
+            params["response_format"] = {"type": "json_object"}
+    return params
 
 
 def embedding_inputs(body: dict[str, Any]) -> list[str]:
@@ -193,6 +360,18 @@ def _with_adapter(params: dict[str, Any], body: dict[str, Any]) -> None:
         params["adapter"] = model.split(":", 1)[1]
 
 
+async def _check_adapter(name: str, model: str) -> None:
+    """404 ``model_not_found`` (as OpenAI answers an unknown model) when deployment ``model`` has no such adapter."""
+    from .app import lora_adapters
+
+    adapter = name.split(":", 1)[1]
+    known = await asyncio.to_thread(lora_adapters, model)
+    if adapter not in known:
+        raise OpenAIError(f"model {name!r} is not served: deployment {model!r} has no LoRA adapter {adapter!r}; "
+                          f"available: {', '.join(sorted(known)) or 'none'} (GET /v1/models lists them)",
+                          status=404, param="model", code="model_not_found")
+
+
 def _adapter_models(models: list[str], created: int) -> list[dict[str, Any]]:
     """``GET /v1/models`` entries of the deployments' LoRA adapters: ``<deployment>:<adapter>``, parent the deployment."""
     from .app import lora_adapters
@@ -204,7 +383,58 @@ def _adapter_models(models: list[str], created: int) -> list[dict[str, Any]]:
 def _row_error(row: dict | None) -> OpenAIError:
     meta = (row or {}).get("metadata") or {}
     status = answer_status(meta.get("http_status", 500))  # a vendor's 401 is a 502 here
-    return OpenAIError((row or {}).get("error") or "the model returned no answer", status=status)
+    return OpenAIError((row or {}).get("error") or "the model returned no answer", status=status,
+                       param=meta.get("param"), code=meta.get("code"))
+
+
+def _item_error(item: dict) -> OpenAIError:
+    """A stream's error item (``{"error", "status", "param"?, "code"?}``) as the API's error."""
+    return OpenAIError(item["error"], status=item.get("status", 500), param=item.get("param"), code=item.get("code"))
+
+
+def _json_meta(meta: dict, key: str) -> Any:
+    """A row metadata value the engine sent as JSON text (``logprobs``, ``tool_calls``), or None."""
+    value = meta.get(key)
+    if not value:
+        return None
+    try:
+        return json.loads(value)
+    except ValueError:
+        return None
+
+
+def completion_logprobs(content: list[dict[str, Any]] | None) -> dict[str, Any] | None:
+    """Chat-style ``logprobs.content`` as ``/v1/completions`` gives it (``tokens``, ``token_logprobs``,
+    ``top_logprobs`` as ``{token: logprob}``, ``text_offset``)."""
+    if content is None:
+        return None
+    offsets, at = [], 0
+    for item in content:
+        offsets.append(at)
+        at += len(item["token"])
+    return {
+        "tokens": [item["token"] for item in content],
+        "token_logprobs": [item["logprob"] for item in content],
+        "top_logprobs": [{alt["token"]: alt["logprob"] for alt in item.get("top_logprobs") or []} for item in content],
+        "text_offset": offsets,
+    }
+
+
+def _seeded(params: dict[str, Any], i: int) -> dict[str, Any]:
+    """Choice ``i`` of ``n``: with a ``seed``, its own (``seed + i``), so the choices differ and each repeats."""
+    seed = params.get("generation.seed")
+    if i == 0 or seed is None:
+        return params
+    return {**params, "generation.seed": int(seed) + i}
+
+
+def _usage_of(rows: list[dict], prompts: int = 1) -> dict[str, int]:
+    """The usage of ``rows`` (n choices of ``prompts`` prompts): each prompt counted once."""
+    per = [_usage(r.get("metadata")) for r in rows]
+    n = max(1, len(rows) // max(1, prompts))
+    prompt = sum(u["prompt_tokens"] for u in per[::n])
+    completion = sum(u["completion_tokens"] for u in per)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 # ---- the Serve ingress --------------------------------------------------------------------------
@@ -232,7 +462,7 @@ class OpenAIIngress:
         if not isinstance(model, str) or not model:
             raise OpenAIError("'model' is required: the name of a deployed model (GET /v1/models lists them)",
                               param="model")
-        model = model.split(":", 1)[0]  # "<deployment>:<adapter>" (a LoRA adapter): the deployment's workers answer
+        name, model = model, model.split(":", 1)[0]  # "<deployment>:<adapter>": the deployment's workers answer
         if model not in await self._deployed() and model not in await self._deployed(refresh=True):
             deployed = self._models
             self._handles.pop(model, None)
@@ -240,6 +470,8 @@ class OpenAIIngress:
                 str(not_deployed(model, deployed)),
                 status=404, param="model", code="model_not_found",
             )
+        if name != model:
+            await _check_adapter(name, model)
         handle = self._handles.get(model)
         if handle is None:
             from ray import serve
@@ -248,12 +480,14 @@ class OpenAIIngress:
             self._handles[model] = handle
         return handle
 
-    #: (method, path after ``/v1``) -> handler method name.
+    #: (method, path after ``/v1``) -> handler method name; ``/models/{id}`` is matched by prefix.
     ROUTES = {
         ("POST", "/chat/completions"): "chat",
         ("POST", "/completions"): "completions",
+        ("POST", "/responses"): "responses",
         ("POST", "/embeddings"): "embeddings",
         ("GET", "/models"): "models",
+        ("GET", "/models/{id}"): "model",
     }
 
     async def __call__(self, request):
@@ -261,12 +495,17 @@ class OpenAIIngress:
 
         if self._auth and not authorized(request.headers, self._auth):
             return unauthorized_response(openai_style=True)
-        route = self.ROUTES.get((request.method, _subpath(request.url.path)))
+        path = _subpath(request.url.path)
+        route = self.ROUTES.get((request.method, path))
+        if route is None and request.method == "GET" and path.startswith("/models/"):
+            route = "model"
         try:
             if route is None:
                 served = ", ".join(f"{method} {OPENAI_ROUTE}{path}" for method, path in self.ROUTES)
                 raise OpenAIError(f"unknown route {request.method} {request.url.path}; this API serves {served}",
                                   status=404)
+            if route == "model":
+                return JSONResponse(await self.model(path[len("/models/"):]))
             if request.method == "GET":
                 return JSONResponse(await getattr(self, route)())
             try:
@@ -280,7 +519,7 @@ class OpenAIIngress:
         except OpenAIError as exc:
             return JSONResponse(exc.body(), status_code=exc.status)
         except RequestParseError as exc:
-            return JSONResponse(OpenAIError(str(exc)).body(), status_code=400)
+            return JSONResponse(OpenAIError(str(exc), param=_param_of(str(exc))).body(), status_code=400)
         except Exception as exc:  # a replica died mid-request, a model was removed...
             logger.warning("openai request failed: %s: %s", type(exc).__name__, str(exc).splitlines()[0][:300])
             return JSONResponse(OpenAIError(f"{type(exc).__name__}: {str(exc)[:500]}", status=500).body(),
@@ -288,56 +527,77 @@ class OpenAIIngress:
 
     async def models(self) -> dict[str, Any]:
         now = int(time.time())
-        data = [{"id": m, "object": "model", "created": now, "owned_by": "byzerllm-spark"}
-                for m in await self._deployed(refresh=True)]
+        data = [_model_object(m, now) for m in await self._deployed(refresh=True)]
         data += await asyncio.to_thread(_adapter_models, [d["id"] for d in data], now)
         return {"object": "list", "data": data}
+
+    async def model(self, model: str) -> dict[str, Any]:
+        """``GET /v1/models/{id}``: the deployed model, or 404 (``model_not_found``)."""
+        from urllib.parse import unquote
+
+        await self._handle(unquote(model))
+        return _model_object(unquote(model), int(time.time()))
+
+    async def _rows(self, handle, rows: list[dict]) -> list[dict]:
+        """The answers of ``rows`` (one batch to one worker); the first failed row's error is the request's."""
+        answers = await handle.chat_batch.remote(rows)
+        for row in answers:
+            if not row or row.get("error"):
+                raise _row_error(row)
+        return answers
 
     async def chat(self, body: dict[str, Any]):
         from starlette.responses import JSONResponse
 
         params = _checked(chat_params, body)
+        n = choices_asked(body)
         model = body.get("model")
         handle = await self._handle(model)
         if body.get("stream"):
             return await self._stream(handle, model, params, body, chat=True)
-        (row,) = await handle.chat_batch.remote([params])
-        if not row or row.get("error"):
-            raise _row_error(row)
-        meta = row.get("metadata") or {}
+        rows = await self._rows(handle, [_seeded(params, i) for i in range(n)])
+        choices = []
+        for i, row in enumerate(rows):
+            meta = row.get("metadata") or {}
+            message: dict[str, Any] = {"role": "assistant", "content": row.get("response") or ""}
+            finish = _finish(meta)
+            tool_calls = _json_meta(meta, "tool_calls")
+            if tool_calls:
+                message["tool_calls"] = tool_calls
+                finish = "tool_calls"
+            logprobs = _json_meta(meta, "logprobs")
+            choices.append({"index": i, "message": message, "finish_reason": finish,
+                            "logprobs": None if logprobs is None else {"content": logprobs, "refusal": None}})
         return JSONResponse({
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "object": "chat.completion",
             "created": int(time.time()),
             "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": row.get("response") or ""},
-                         "logprobs": None, "finish_reason": _finish(meta)}],
-            "usage": _usage(meta),
+            "choices": choices,
+            "usage": _usage_of(rows),
         })
 
     async def completions(self, body: dict[str, Any]):
         from starlette.responses import JSONResponse
 
-        rows = _checked(completion_params, body)
+        prompts = _checked(completion_params, body)
+        n = choices_asked(body)
         model = body.get("model")
         handle = await self._handle(model)
         if body.get("stream"):
-            if len(rows) != 1:
+            if len(prompts) != 1:
                 raise OpenAIError("stream=true takes one prompt", param="prompt")
-            return await self._stream(handle, model, rows[0], body, chat=False)
-        answers = await handle.chat_batch.remote(rows)
-        choices, usage = [], {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
-        for i, row in enumerate(answers):
-            if not row or row.get("error"):
-                raise _row_error(row)
+            return await self._stream(handle, model, prompts[0], body, chat=False)
+        # Choice k * n + j is prompt k's choice j, as OpenAI orders them.
+        rows = await self._rows(handle, [_seeded(p, j) for p in prompts for j in range(n)])
+        choices = []
+        for i, row in enumerate(rows):
             meta = row.get("metadata") or {}
-            for key, value in _usage(meta).items():
-                usage[key] += value
-            choices.append({"index": i, "text": row.get("response") or "", "logprobs": None,
-                            "finish_reason": _finish(meta)})
+            choices.append({"index": i, "text": row.get("response") or "", "finish_reason": _finish(meta),
+                            "logprobs": completion_logprobs(_json_meta(meta, "logprobs"))})
         return JSONResponse({
             "id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-            "model": model, "choices": choices, "usage": usage,
+            "model": model, "choices": choices, "usage": _usage_of(rows, len(prompts)),
         })
 
     async def embeddings(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -367,7 +627,7 @@ class OpenAIIngress:
         items = handle.options(stream=True).stream_chat.remote(params)
         first = await items.__anext__()  # an error before any text is an HTTP error, not a broken stream
         if "error" in first:
-            raise OpenAIError(first["error"], status=first.get("status", 500))
+            raise _item_error(first)
         created = int(time.time())
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
@@ -398,8 +658,7 @@ class OpenAIIngress:
                 elif "metadata" in item:
                     metadata = item["metadata"] or {}
                 elif "error" in item:
-                    error = OpenAIError(item["error"], status=item.get("status", 500)).body()
-                    yield sse.event(error)
+                    yield sse.event(_item_error(item).body())
                     return
                 try:
                     item = await items.__anext__()
@@ -411,6 +670,110 @@ class OpenAIIngress:
             yield sse.event(sse.DONE)
 
         return StreamingResponse(events(), media_type=sse.MEDIA_TYPE)
+
+    # ---- the Responses API ------------------------------------------------------------------------
+    async def responses(self, body: dict[str, Any]):
+        """``POST /v1/responses``: one answer as a Response object, or (``stream=true``) its typed events
+        ``response.created``, ``response.in_progress``, ``response.output_item.added``,
+        ``response.content_part.added``, ``response.output_text.delta``..., ``response.output_text.done``,
+        ``response.content_part.done``, ``response.output_item.done``, ``response.completed``."""
+        from starlette.responses import JSONResponse, StreamingResponse
+
+        params = _checked(responses_params, body)
+        model = body.get("model")
+        handle = await self._handle(model)
+        ident, item_id, created = f"resp_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}", int(time.time())
+        if not body.get("stream"):
+            (row,) = await self._rows(handle, [params])
+            return JSONResponse(_response_object(ident, item_id, created, model, body, row.get("response") or "",
+                                                 row.get("metadata") or {}))
+        items = handle.options(stream=True).stream_chat.remote(params)
+        first = await items.__anext__()
+        if "error" in first:
+            raise _item_error(first)
+
+        async def events():
+            seq = 0
+
+            def event(kind: str, **fields) -> str:
+                nonlocal seq
+                seq += 1
+                return sse.named_event(kind, {"type": kind, "sequence_number": seq - 1, **fields})
+
+            at = dict(item_id=item_id, output_index=0, content_index=0)
+            pending = _response_object(ident, item_id, created, model, body, None, {})
+            yield event("response.created", response=pending)
+            yield event("response.in_progress", response=pending)
+            yield event("response.output_item.added", output_index=0, item=_message_item(item_id, None))
+            yield event("response.content_part.added", part=_text_part(""), **at)
+            texts, metadata, item = [], {}, first
+            while True:
+                if "text" in item:
+                    texts.append(item["text"])
+                    yield event("response.output_text.delta", delta=item["text"], logprobs=[], **at)
+                elif "metadata" in item:
+                    metadata = item["metadata"] or {}
+                elif "error" in item:
+                    error = _item_error(item)
+                    yield event("error", code=error.code, message=str(error), param=error.param)
+                    return
+                try:
+                    item = await items.__anext__()
+                except StopAsyncIteration:
+                    break
+            text = "".join(texts)
+            yield event("response.output_text.done", text=text, logprobs=[], **at)
+            yield event("response.content_part.done", part=_text_part(text), **at)
+            done = _response_object(ident, item_id, created, model, body, text, metadata)
+            yield event("response.output_item.done", output_index=0, item=done["output"][0])
+            yield event("response.completed" if done["status"] == "completed" else "response.incomplete",
+                        response=done)
+
+        return StreamingResponse(events(), media_type=sse.MEDIA_TYPE)
+
+
+def _model_object(model: str, created: int) -> dict[str, Any]:
+    return {"id": model, "object": "model", "created": created, "owned_by": "byzerllm-spark"}
+
+
+def _param_of(message: str) -> str | None:
+    """The request field a parse error names (``temperature=5 is not valid...``), or None."""
+    head = message.split("=", 1)[0].split(" ", 1)[0].strip("'")
+    return head if head and head.replace("_", "").replace(".", "").isalnum() else None
+
+
+def _text_part(text: str) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
+def _message_item(item_id: str, text: str | None) -> dict[str, Any]:
+    """The Response's one output item: the assistant's message (in progress while ``text`` is None)."""
+    return {"type": "message", "id": item_id, "role": "assistant",
+            "status": "in_progress" if text is None else "completed",
+            "content": [] if text is None else [_text_part(text)]}
+
+
+def _response_object(ident: str, item_id: str, created: int, model: str, body: dict, text: str | None,
+                     metadata: dict) -> dict[str, Any]:
+    """A Response object (``object: "response"``): in progress while ``text`` is None, else completed (or
+    ``incomplete`` when cut at ``max_output_tokens``)."""
+    usage = _usage(metadata)
+    cut = text is not None and _finish(metadata) == "length"
+    status = "in_progress" if text is None else ("incomplete" if cut else "completed")
+    fmt = (body.get("text") or {}).get("format") or {"type": "text"}
+    return {
+        "id": ident, "object": "response", "created_at": created, "status": status, "model": model,
+        "output": [] if text is None else [_message_item(item_id, text)],
+        "error": None, "incomplete_details": {"reason": "max_output_tokens"} if cut else None,
+        "instructions": body.get("instructions"), "max_output_tokens": body.get("max_output_tokens"),
+        "temperature": body.get("temperature"), "top_p": body.get("top_p"),
+        "parallel_tool_calls": False, "tool_choice": "none", "tools": [], "text": {"format": fmt},
+        "metadata": body.get("metadata") or {}, "store": False, "truncation": "disabled",
+        "usage": None if text is None else {
+            "input_tokens": usage["prompt_tokens"], "output_tokens": usage["completion_tokens"],
+            "total_tokens": usage["total_tokens"], "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens_details": {"reasoning_tokens": 0}},
+    }
 
 
 def ensure_openai_app() -> None:

@@ -27,10 +27,10 @@ from typing import Any
 
 from ..auth import authorized, stored_digest, unauthorized_response
 from ..backends import registry
-from ..backends.base import STOP, ChatResult, check_structured
-from ..errors import ConfigError, RequestParseError, answer_status
+from ..backends.base import STOP, ChatResult, check_structured, error_result
+from ..errors import ConfigError, RequestParseError, RequestRefusedError, answer_status
 from ..protocol import arrow, sse
-from ..protocol.request import parse_request
+from ..protocol.request import DEFAULT_MAX_LENGTH, parse_request
 from ..settings import CACHE_HEADER
 
 logger = logging.getLogger("byzerllm_spark.worker")
@@ -242,6 +242,8 @@ class ModelWorker:
         context = self.backend.context_length
         if not context:
             return None
+        if request.max_length == DEFAULT_MAX_LENGTH > context:  # not set: as much as the context holds
+            request.max_length = context
         for name, value in (("max_length", request.max_length),
                             ("generation.max_new_tokens", request.generation.get("max_new_tokens")),
                             ("generation.min_new_tokens", request.generation.get("min_new_tokens"))):
@@ -364,10 +366,13 @@ class ModelWorker:
                 if request is not None:
                     too_long = self._context_error(request)
                     if too_long:
-                        results[i] = ChatResult(error=too_long, metadata={"http_status": "400"})
+                        results[i] = ChatResult(error=too_long, metadata={"http_status": "400", "param": "max_tokens"})
                         continue
+                    self.backend.check_request(request)
                     todo.append(request)
                     todo_idx.append(i)
+            except RequestRefusedError as exc:  # the engine does not do what the row asks: a 400 naming it
+                results[i] = error_result(exc)
             except RequestParseError as exc:
                 results[i] = ChatResult(error=str(exc))
             except Exception as exc:  # any other malformed row (too deep, too big): that row's error alone
@@ -415,7 +420,12 @@ class ModelWorker:
             return
         too_long = self._context_error(request)
         if too_long:
-            yield {"error": too_long, "status": 400}
+            yield {"error": too_long, "status": 400, "param": "max_tokens"}
+            return
+        try:
+            self.backend.check_request(request)
+        except RequestRefusedError as exc:
+            yield _error_item(exc)
             return
         if request.adapter is not None and request.adapter not in self._adapters:
             await self._have_adapters({request.adapter})
@@ -727,6 +737,8 @@ def _error_item(exc: Exception) -> dict[str, Any]:
     with the status a caller should see (:func:`~byzerllm_spark.errors.answer_status`: a vendor's 401
     is a 502 here, never a 401 that reads as the caller's own token being wrong)."""
     status = getattr(exc, "status", None)
+    if isinstance(exc, RequestRefusedError):  # the caller's 400, with the parameter it names
+        return {"error": str(exc), "status": 400, "param": exc.param, "code": exc.code}
     if isinstance(status, int) and 400 <= status < 600:
         return {"error": str(exc), "status": answer_status(status)}
     return {"error": f"{type(exc).__name__}: {exc}", "status": 500}
