@@ -118,8 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.add_argument("--cpus_per_worker", type=float, default=None, metavar="CPUS",
                         help="CPUs per worker, fractions allowed (default: 1, or 0.001 for saas/*)")
     deploy.add_argument("--gpus_per_worker", type=float, default=0, metavar="GPUS", help="GPUs per worker, fractions allowed (default: 0)")
-    deploy.add_argument("--worker_concurrency", type=int, default=1, metavar="N",
-                        help="requests one worker takes at once (default: 1)")
+    deploy.add_argument("--worker_concurrency", type=int, default=None, metavar="N",
+                        help="requests one worker takes at once (default: 1, or 64 for --infer_backend vllm)")
     deploy.add_argument("--load_balance", default="lru", choices=("lru", "round_robin"),
                         help="how requests are spread over workers (default: lru)")
     deploy.add_argument("--infer_params", nargs="*", default=[], metavar="KEY=VALUE",

