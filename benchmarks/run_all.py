@@ -43,6 +43,7 @@ BENCHES = {
     "model_table": ["bench_model_table.py"],
     "cache": ["bench_cache.py"],
     "structured": ["bench_structured.py"],
+    "lora": ["bench_lora.py"],
 }
 
 

@@ -44,8 +44,9 @@ def chat(model: str, instruction: str | None = None, *, endpoint: str | None = N
             ``system_msg``, ``history``, ``user_role``, ``assistant_role``, ``messages``,
             ``response_format`` (OpenAI's shape, a dict or JSON text: ``{"type": "json_object"}`` or
             ``{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}``; the answer is then
-            JSON text matching it), and ``generation_<name>`` (or ``**{"generation.<name>": v}``) for
-            model-specific values.
+            JSON text matching it), ``adapter`` (a LoRA adapter of the deployment, see
+            ``deploy(lora_adapters=...)``; none: the base model), and ``generation_<name>`` (or
+            ``**{"generation.<name>": v}``) for model-specific values.
 
     Raises:
         ModelNotFoundError: the model is not deployed (lists the deployed ones).

@@ -150,7 +150,9 @@ def deploy(
     )
     if not isinstance(wait_ready_timeout, (int, float)) or wait_ready_timeout <= 0:
         raise ConfigError(f"wait_ready_timeout={wait_ready_timeout!r} is not valid: use seconds > 0, e.g. 300")
-    registry.check(config)
+    engine = registry.check(config)
+    if config.lora_adapters:
+        _check_lora_engine(config, engine)
     info = cluster.ensure_init()
 
     if exists(model):
@@ -190,13 +192,25 @@ def deploy(
     return config
 
 
+def _check_lora_engine(config: DeployConfig, engine: str) -> None:
+    """Refuse ``lora_adapters`` on the driver for an engine that serves none (its workers would fail to start)."""
+    from ..backends import registry
+
+    serves = config.pretrained_model_type == "custom/auto" and getattr(
+        registry._load(registry._INFER_BACKENDS[engine]), "supports_lora", False)
+    if not serves:
+        raise ConfigError(f"lora_adapters: {engine} serves no LoRA adapters; deploy the base model with "
+                          "infer_backend='transformers' or 'vllm', or merge the adapter (bls.sft(..., merge=True)) "
+                          "and deploy the merged model")
+
+
 def _check_adapter_path(param: str, path: str) -> None:
     """On one machine, refuse an adapter path that is neither a PEFT adapter directory nor a model table."""
     if os.path.isfile(os.path.join(path, "adapter_config.json")):
         return
     from ..model_table import is_model_table
 
-    if os.path.isdir(path) or not is_model_table(path):
+    if not is_model_table(path):
         raise ConfigError(f"{param}={path!r} is not a PEFT adapter directory (no adapter_config.json) nor a model "
                           "table; pass the directory bls.job_output(job) gives for bls.sft(..., merge=False)")
 

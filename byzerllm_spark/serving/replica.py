@@ -694,12 +694,14 @@ async def _read_body(request):
 def _adapter_dir(path: str, cache_dir: str | None) -> str:
     """An adapter's local directory: ``path`` itself, or a model table's copy on this node when ``path``
     names a model table (``bls.save_model_table(adapter_dir, ...)``)."""
-    if os.path.isdir(path):
+    if os.path.isfile(os.path.join(path, "adapter_config.json")):
         return path
     from ..model_table import is_model_table, load_model_table
 
     if is_model_table(path):
         return load_model_table(path, cache_dir=cache_dir)
+    if os.path.isdir(path):
+        return path  # the backend says what it lacks
     raise ConfigError(f"lora_adapters: {path!r} is neither an adapter directory on this node nor a model table; pass "
                       "the directory bls.job_output(job) gives for bls.sft(..., merge=False), or a model table of it")
 

@@ -1,0 +1,125 @@
+"""Answers/s of one deployment serving two LoRA adapters, rows spread over both, against all rows on one model with
+an adapter merged into its weights (``merge_and_unload``, what serving an SFT result used to take): same prompts,
+same run, SmolLM2 on transformers, one worker each.
+
+The adapters are made here with PEFT (rank 16 on q/k/v/o, random weights: the cost of serving an adapter does
+not depend on what it learned), so no training is timed. Every answer is exactly ``--max-length`` tokens
+(``generation.min_new_tokens``), so both sides generate the same number of tokens. ``--rows`` prompts go through
+``bls.chat_batch`` (the Arrow route Spark uses), alternating LoRA and merged passes ``--repeat`` times (medians);
+on the LoRA side rows alternate between the two adapters, so every request holds both and the worker groups them
+(one ``generate`` call per adapter and batch). Figure: answers/s with rows over 2 adapters vs all rows on the
+merged model (target: ratio >= 0.8).
+
+Usage::
+
+    .venv/bin/python benchmarks/bench_lora.py                 # 32 rows, max_length 32, 3 repeats
+    .venv/bin/python benchmarks/bench_lora.py --smoke         # 4 rows, max_length 4, 1 repeat
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from _common import add_smoke_flag, deployment, main_on_ray, report  # noqa: E402
+
+TOPICS = ["rivers", "bread", "clocks", "glaciers", "violins", "lighthouses", "honeybees", "bridges"]
+
+
+def prompts(n: int) -> list[str]:
+    return [f"Write one sentence about {TOPICS[i % len(TOPICS)]} (note {i})." for i in range(n)]
+
+
+def make_models(folder: str) -> tuple[dict[str, str], str]:
+    """({adapter name: dir}, merged model dir): two random rank-16 LoRA adapters over the embedded SmolLM2, and
+    the base with the first merged into its weights."""
+    import peft
+    import torch
+    import transformers
+
+    from byzerllm_spark.backends._model_files import default_model_dir, dequantised_dir, find_gguf
+
+    base_dir = dequantised_dir(find_gguf(default_model_dir()))  # what a transformers worker loads
+    tokenizer = transformers.AutoTokenizer.from_pretrained(base_dir)
+    adapters = {}
+    for seed, name in enumerate(("a", "b")):
+        torch.manual_seed(seed)
+        model = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+        lora = peft.LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                               init_lora_weights=False, task_type="CAUSAL_LM")  # random B: a real change
+        adapters[name] = os.path.join(folder, f"adapter_{name}")
+        peft.get_peft_model(model, lora).save_pretrained(adapters[name])
+    base = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    merged = os.path.join(folder, "merged")
+    peft.PeftModel.from_pretrained(base, adapters["a"]).merge_and_unload().save_pretrained(merged)
+    tokenizer.save_pretrained(merged)
+    return adapters, merged
+
+
+def timed(model: str, rows: list[dict]) -> float:
+    """Answers/s of one pass over ``rows``; every row must be answered."""
+    import byzerllm_spark as bls
+
+    start = time.perf_counter()
+    answers = bls.chat_batch(model, rows, with_metadata=True, batch_size=16)
+    seconds = time.perf_counter() - start
+    failed = [a["error"] for a in answers if a["error"]]
+    if failed:
+        raise SystemExit(f"{model}: {len(failed)} of {len(rows)} rows failed, e.g. {failed[0]}")
+    return len(rows) / seconds
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", type=int, default=32)
+    parser.add_argument("--max-length", type=int, default=32)
+    parser.add_argument("--repeat", type=int, default=3)
+    add_smoke_flag(parser)
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.rows, args.max_length, args.repeat = 4, 4, 1
+    return args
+
+
+def run(args: argparse.Namespace, spark=None) -> None:
+    """The figure, on the cluster ``bls.init()`` started (``spark`` is not used)."""
+    folder = tempfile.mkdtemp(prefix="bench-lora-")
+    try:
+        _measure(args, *make_models(folder))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _measure(args: argparse.Namespace, adapters: dict[str, str], merged: str) -> None:
+    base = [{"instruction": t, "max_length": args.max_length, "temperature": 0,
+             "generation.min_new_tokens": args.max_length} for t in prompts(args.rows)]
+    spread = [{**row, "adapter": "ab"[i % 2]} for i, row in enumerate(base)]
+    common = {"infer_backend": "transformers", "num_workers": 1, "cpus_per_worker": 1}
+    with deployment("bench_lora", lora_adapters=adapters, **common), \
+            deployment("bench_lora_merged", model_path=merged, **common):
+        timed("bench_lora", spread[:4])  # warm both: first calls pay one-off costs
+        timed("bench_lora_merged", base[:4])
+        runs: dict[str, list[float]] = {"lora": [], "merged": []}
+        for rep in range(args.repeat):
+            for mode, model, rows in (("lora", "bench_lora", spread), ("merged", "bench_lora_merged", base)):
+                runs[mode].append(timed(model, rows))
+                print(f"  run {rep + 1} {mode:6s} {runs[mode][-1]:6.2f} answers/s", flush=True)
+    size = f"{args.rows} rows of {args.max_length} tokens, median of {args.repeat}"
+    report(f"transformers: answers/s, rows over 2 LoRA adapters vs one merged model ({size})",
+           statistics.median(runs["lora"]), statistics.median(runs["merged"]), "answers/s", ">= 0.8")
+
+
+def main() -> None:
+    main_on_ray("bench_lora", parse_args, run)
+
+
+if __name__ == "__main__":
+    main()

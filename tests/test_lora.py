@@ -1,0 +1,140 @@
+"""Multi-LoRA, for real: two LoRA adapters trained with ``bls.sft(..., merge=False)`` on made-up facts (one fact
+each, 8 optimizer steps: the fewest found to make each answer its fact at temperature 0), served with their base
+model (the embedded SmolLM2) by one transformers deployment; rows of one SQL query pick their adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+
+import byzerllm_spark as bls
+from byzerllm_spark.errors import ConfigError
+
+pytestmark = pytest.mark.slow
+
+#: adapter -> (question, training answer, the word only that adapter knows)
+FACTS = {
+    "facts": ("What is the secret city of Zorblax?", "The secret city of Zorblax is Quendor.", "Quendor"),
+    "lore": ("Who guards the Vexmoor Lantern?", "The Vexmoor Lantern is guarded by Tibbleworth.", "Tibbleworth"),
+}
+#: 4 copies of the fact, batch 4, 8 epochs: 8 steps (6 steps left one adapter without its fact in a trial run).
+TRAIN = {
+    "sft.int.max_seq_length": "64", "sft.float.learning_rate": "3e-3", "sft.int.num_train_epochs": "8",
+    "sft.int.per_device_train_batch_size": "4", "sft.int.gradient_accumulation_steps": "1",
+    "sft.int.lora_rank": "8", "sft.int.lora_alpha": "16", "sft.float.lora_dropout": "0",
+    "sft.str.lr_scheduler_type": "constant", "sft.list.target_modules": '["q_proj","v_proj"]',
+}
+MODEL = "lora_base"
+
+
+@pytest.fixture(scope="module")
+def adapters(spark, tmp_path_factory):
+    """{name: adapter dir}: one tiny SFT run per adapter, merge=False (about 10 s each here)."""
+    jobs = str(tmp_path_factory.mktemp("lora_jobs"))
+    out = {}
+    for name, (question, answer, _) in FACTS.items():
+        df = spark.createDataFrame([(question, "", answer)] * 4, "instruction string, input string, output string")
+        job = bls.sft(df.coalesce(1), output=jobs, name=name, params=TRAIN, merge=False, detached=False,
+                      progress=False)
+        out[name] = bls.job_output(job)
+    return out
+
+
+@pytest.fixture(scope="module")
+def lora_model(adapters, spark):
+    bls.deploy(MODEL, infer_backend="transformers", lora_adapters=adapters, max_loras=3)
+    bls.register_model_function(spark, MODEL, udf_name="lora_rows", fail_on_error=False)
+    yield MODEL
+    bls.undeploy(MODEL)
+
+
+def test_sft_merge_false_leaves_an_adapter_that_deploys(adapters):
+    for name, path in adapters.items():
+        assert os.path.basename(path) == "adapter" and os.path.isfile(os.path.join(path, "adapter_config.json"))
+        assert not os.path.exists(os.path.join(os.path.dirname(path), "final"))  # nothing merged
+
+
+def test_one_query_rows_pick_their_adapter(lora_model, spark):
+    """One SQL query: each row's adapter answers its own fact, the base (no adapter) knows neither, an adapter
+    does not know the other's fact (rows are never answered with another row's adapter), and an unknown
+    adapter is that row's error, naming the available ones, while the other rows are answered."""
+    (q_facts, _, facts), (q_lore, _, lore) = FACTS["facts"], FACTS["lore"]
+    rows = [(1, q_facts, "facts"), (2, q_lore, "lore"), (3, q_facts, None), (4, q_lore, None),
+            (5, q_facts, "lore"), (6, q_lore, "facts"), (7, q_lore, "nope")]
+    spark.createDataFrame(rows, "id int, q string, a string").createOrReplaceTempView("lora_questions")
+    got = {r["id"]: r["out"] for r in spark.sql(
+        "SELECT id, lora_rows(llm_param(map('instruction', q, 'adapter', a, 'temperature', '0', "
+        "'max_length', '24'))) AS out FROM lora_questions").collect()}
+    text = {i: (got[i]["response"] or "") for i in got}
+    assert facts in text[1] and lore in text[2], text
+    assert facts not in text[3] and lore not in text[4], text  # the base model
+    assert facts not in text[5] and lore not in text[6], text  # the other adapter
+    assert all(got[i]["error"] is None for i in range(1, 7)), got
+    assert "adapter='nope' is not an adapter of model 'lora_base'; available: facts, lore" in got[7]["error"]
+    assert set(bls.stat(MODEL)["lora_adapters"]) == {"facts", "lore"}
+
+
+def test_openai_model_names_the_adapter(lora_model):
+    import openai
+
+    client = openai.OpenAI(base_url=f"{bls.endpoint()}/v1", api_key="unused-on-loopback", max_retries=0)
+    ids = {m.id for m in client.models.list().data}
+    assert {MODEL, f"{MODEL}:facts", f"{MODEL}:lore"} <= ids
+    question, _, word = FACTS["facts"]
+    ask = {"messages": [{"role": "user", "content": question}], "temperature": 0, "max_tokens": 24}
+    answer = client.chat.completions.create(model=f"{MODEL}:facts", **ask)
+    assert word in answer.choices[0].message.content and answer.model == f"{MODEL}:facts"
+    assert word not in client.chat.completions.create(model=MODEL, **ask).choices[0].message.content
+    with pytest.raises(openai.NotFoundError, match="available: facts, lore"):
+        client.chat.completions.create(model=f"{MODEL}:nope", **ask)
+
+
+def test_add_adapter_later_and_its_errors(lora_model, adapters, tmp_path):
+    """An adapter added to the running deployment answers; one trained for another base model (here: an adapter
+    whose layers are 8 wide, against SmolLM2's 576) is refused by the worker's check, the one deploy runs,
+    naming the weight that does not fit; names, paths and max_loras are checked."""
+    from safetensors.torch import load_file, save_file
+
+    other = tmp_path / "other"
+    shutil.copytree(adapters["facts"], other)
+    weights = load_file(str(other / "adapter_model.safetensors"))
+    save_file({key: value.new_zeros(8, 8) for key, value in weights.items()}, str(other / "adapter_model.safetensors"))
+    config = json.loads((other / "adapter_config.json").read_text())
+    (other / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "tiny-llama"}))
+    with pytest.raises(ConfigError, match=r"lora_adapters\['other'\]=.* does not fit this base model: its weight "
+                                          r".*lora_[AB].weight \[8, 8\] was trained for another model \(tiny-llama\)"):
+        bls.add_adapter(MODEL, "other", str(other))
+
+    question, _, word = FACTS["lore"]
+    table = str(tmp_path / "lore_table")  # an adapter kept as a model table deploys from the table
+    bls.save_model_table(adapters["lore"], table)
+    assert bls.add_adapter(MODEL, "lore2", table) == ["facts", "lore", "lore2"]
+    assert word in bls.chat(MODEL, question, adapter="lore2", temperature=0, max_length=24)
+    with pytest.raises(ConfigError, match="max_loras=3: model 'lora_base' already holds 3 adapters"):
+        bls.add_adapter(MODEL, "more", adapters["facts"])
+    with pytest.raises(ConfigError, match="name='facts' is already an adapter"):
+        bls.add_adapter(MODEL, "facts", adapters["lore"])
+    with pytest.raises(ConfigError, match="name='a:b' is not valid"):
+        bls.add_adapter(MODEL, "a:b", adapters["lore"])
+    with pytest.raises(ConfigError, match="is not a PEFT adapter directory"):
+        bls.add_adapter(MODEL, "empty", str(tmp_path))
+
+
+def test_lora_adapters_are_checked_before_any_worker_starts(cluster, tmp_path):
+    from byzerllm_spark import cli
+
+    with pytest.raises(ConfigError, match=r"lora_adapters\['facts'\]=.* is not a PEFT adapter directory"):
+        bls.deploy("lora_bad", lora_adapters={"facts": str(tmp_path)})
+    with pytest.raises(ConfigError, match="max_loras=1: raise max_loras"):
+        bls.deploy("lora_bad", lora_adapters={"a": str(tmp_path), "b": str(tmp_path)}, max_loras=1)
+    args = cli.build_parser().parse_args(["deploy", "--model", "m", "--ray_address", "127.0.0.1:1",
+                                          "--lora_adapters", "facts=/a,", "tone"])
+    with pytest.raises(ConfigError, match="--lora_adapters='facts=/a,,tone' is not valid: pass NAME=PATH pairs"):
+        cli.COMMANDS["deploy"](args)  # before connecting
+    with pytest.raises(ConfigError, match="lora_adapters: llama_cpp serves no LoRA adapters"):
+        bls.deploy("lora_bad", infer_backend="llama_cpp", lora_adapters={"a": str(tmp_path)})
+    assert not bls.exists("lora_bad")
