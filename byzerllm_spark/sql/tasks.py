@@ -25,7 +25,7 @@ import json
 import re
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from ..errors import ClusterError, ConfigError, RequestError, bad_value
 
@@ -435,7 +435,7 @@ def task_udf(name: str, *, fail_on_error: bool = True, return_type: Any = None, 
     from .. import transport
     from ..errors import check_int
     from ._structured import result_struct
-    from .functions import _stats_accumulator, check_python
+    from ._driver import _stats_accumulator, check_python
 
     task = TASKS.get(name)
     if task is None:
@@ -573,7 +573,10 @@ def llm_classify(model: Any, text: Any, labels: Any, **options: Any):
 @_with_options
 def llm_extract(model: Any, text: Any, fields: Any = None, *, return_type: Any = None, **options: Any):
     """DataFrame API: named values taken from ``text`` (Databricks' ``ai_extract``). The answer is a JSON object
-    that the model's decoding is constrained to; the worker checks it against the schema.
+    that the model's decoding is constrained to; the worker checks it against the schema. Each string value is
+    at most ``EXTRACT_MAX_CHARS`` (60) characters unless the schema gives its own ``maxLength`` (unbounded, a
+    small model can run a value on until ``max_length`` cuts the JSON); ``max_length`` defaults to enough tokens
+    for any answer of the schema.
 
     Args:
         model: the deployed chat model's name, or a Column of names.
