@@ -1,0 +1,139 @@
+"""SmolLM2 answers/s through Spark SQL on an ``infer_backend='vllm'`` deployment against vLLM's own offline
+``LLM.chat`` (``LLM.generate`` with the chat template) on the same prompts, same sampling, same engine
+arguments, same run; then the same prompts through SQL on the transformers and llama.cpp backends.
+
+The offline baseline runs first, in the vLLM environment as a subprocess (benchmarks/_vllm_offline.py),
+and ends before the deployment starts, so the two never share the CPUs. Each side is warmed with two
+prompts before it is timed; the offline side times the ``chat`` call alone, the SQL side the whole query
+(Spark tasks, Arrow over HTTP, the Serve worker, one HTTP request per row to its vLLM server). Figures:
+
+* vllm: SQL answers/s vs offline ``LLM.chat`` answers/s (target: ratio >= 0.9);
+* transformers and llama_cpp: SQL answers/s on the same prompts, each against the vLLM offline figure
+  (the table of the README's vLLM section).
+
+Not in ``run_all.py``'s list: starting vLLM twice costs minutes on 2 cores, beyond CI's smoke budget
+(tests/test_vllm.py covers the backend in CI). It follows the same conventions: ``run(args, spark)``,
+``--smoke``, figures through ``_common.report`` / ``finish``.
+
+Usage::
+
+    .venv/bin/python benchmarks/bench_vllm.py                   # 256 prompts, max_length 32
+    .venv/bin/python benchmarks/bench_vllm.py --engines vllm    # the vLLM ratio alone
+    .venv/bin/python benchmarks/bench_vllm.py --smoke           # 8 prompts: every figure finite and > 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from _common import add_smoke_flag, deployment, finish, report, spark_session  # noqa: E402
+
+SUBJECTS = ["France", "Germany", "Italy", "Spain", "Japan", "Canada", "Egypt", "Brazil", "India", "Kenya",
+            "Peru", "Norway", "Chile", "Greece", "Poland", "Mexico"]
+QUESTIONS = ["What is the capital of {}?", "Name a famous food from {}.", "What language is spoken in {}?",
+             "Describe the flag of {} in one sentence.", "What is the climate of {} like?",
+             "Name a river in {}.", "What currency does {} use?", "Name a famous person from {}.",
+             "What continent is {} in?", "Give one fact about the history of {}.",
+             "What sport is popular in {}?", "Name a mountain in {}.", "What is a holiday celebrated in {}?",
+             "Name an animal that lives in {}.", "What is the population of {} roughly?",
+             "Name a city in {} other than the capital."]
+#: The deployment's and the offline engine's arguments: the backend's CPU defaults, written out.
+ENGINE_ARGS = {"max_model_len": 2048, "dtype": "float32", "gpu_memory_utilization": 0.1}
+
+
+def prompts(n: int) -> list[str]:
+    return [QUESTIONS[i % len(QUESTIONS)].format(SUBJECTS[(i // len(QUESTIONS)) % len(SUBJECTS)]) for i in range(n)]
+
+
+def offline(texts: list[str], max_length: int, top_p: float) -> dict:
+    """vLLM's offline answers of ``texts`` in the vLLM environment: ``{"seconds", "answers", ...}``."""
+    from byzerllm_spark.backends._model_files import default_model_dir, dequantised_dir, find_gguf
+    from byzerllm_spark.backends.vllm_backend import vllm_python
+
+    spec = {"model": dequantised_dir(find_gguf(default_model_dir())), "engine_args": ENGINE_ARGS,
+            "prompts": texts, "sampling": {"temperature": 0.0, "top_p": top_p, "max_tokens": max_length}}
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([vllm_python(), os.path.join(ROOT, "benchmarks", "_vllm_offline.py")],
+                          input=json.dumps(spec), capture_output=True, text=True, env=env, timeout=1800)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise SystemExit(f"vLLM offline run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def sql_answers_per_s(spark, model: str, texts: list[str], max_length: int) -> float:
+    """Answers/s of one SQL query over ``texts`` (every row answered, or the bench fails)."""
+    import byzerllm_spark as bls
+
+    udf = f"{model}_fn"
+    bls.register_model_function(spark, model, udf_name=udf, fail_on_error=False)
+    df = spark.createDataFrame([(i, t) for i, t in enumerate(texts)], "id int, q string").repartition(2)
+    df.createOrReplaceTempView("bench_vllm_prompts")
+    query = (f"SELECT id, {udf}(llm_param(map('instruction', q, 'temperature', '0', 'max_length', "
+             f"'{max_length}'))) AS r FROM bench_vllm_prompts")
+    spark.sql(query.replace("bench_vllm_prompts", "(SELECT * FROM bench_vllm_prompts LIMIT 2)")).collect()  # warm
+    start = time.perf_counter()
+    rows = spark.sql(query).collect()
+    seconds = time.perf_counter() - start
+    failed = [r.r.error for r in rows if r.r is None or r.r.error or not r.r.response]
+    if len(rows) != len(texts) or failed:
+        raise SystemExit(f"{model}: {len(failed)} of {len(texts)} rows failed, e.g. {failed[:1]}")
+    return len(texts) / seconds
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--engines", default="vllm,transformers,llama_cpp")
+    parser.add_argument("--prompts", type=int, default=256)
+    parser.add_argument("--max-length", type=int, default=32)
+    add_smoke_flag(parser)
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.prompts = 8
+    return args
+
+
+def run(args: argparse.Namespace, spark=None) -> None:
+    from byzerllm_spark.protocol.request import DEFAULT_TOP_P
+
+    texts = prompts(args.prompts)
+    spark = spark or spark_session("bench-vllm")
+    base = offline(texts, args.max_length, DEFAULT_TOP_P)
+    base_rate = len(texts) / base["seconds"]
+    size = f"{len(texts)} prompts, max_length {args.max_length}, temperature 0"
+    print(f"  vLLM offline LLM.chat: {base_rate:.2f} answers/s ({base['completion_tokens']} completion tokens "
+          f"in {base['seconds']:.1f} s)", flush=True)
+    for engine in args.engines.split(","):
+        kwargs = {"infer_backend": engine, "num_workers": 1, "cpus_per_worker": 1, "wait_ready_timeout": 1200}
+        if engine == "vllm":
+            kwargs["infer_params"] = {f"backend.{k}": str(v) for k, v in ENGINE_ARGS.items()}
+        with deployment(f"bench_vllm_{engine}", **kwargs) as name:
+            rate = sql_answers_per_s(spark, name, texts, args.max_length)
+        if engine == "vllm":
+            report(f"vllm: SQL answers/s vs vLLM offline LLM.chat ({size})", rate, base_rate, "answers/s", ">= 0.9")
+        else:
+            report(f"{engine}: SQL answers/s vs vLLM offline LLM.chat ({size})", rate, base_rate, "answers/s")
+
+
+def main() -> None:
+    import byzerllm_spark as bls
+
+    args = parse_args()
+    bls.init(http_port=0, include_dashboard=False)
+    try:
+        run(args)
+    finally:
+        bls.shutdown()
+    finish("bench_vllm")
+
+
+if __name__ == "__main__":
+    main()
