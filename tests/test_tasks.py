@@ -176,22 +176,37 @@ def test_wrong_model_kind_is_a_clear_error(spark, texts, deployed):
     with pytest.raises(Exception, match="llm_summarize cannot use model 'task_minilm'.*llm_embed"):
         spark.sql("SELECT llm_summarize('task_minilm', txt, 5) FROM task_texts").collect()
 
-    # models without a tokenizer here: the echo plugin, and a saas model (tiktoken cannot fetch its encoding
-    # offline; where it can, the count is tiktoken's)
+    # a model without a tokenizer (the echo plugin): the worker's tokenize route says so, row by row
     deployed("task_echo", pretrained_model_type="custom/echo", cpus_per_worker=0.1)
-    deployed("task_saas", pretrained_model_type="saas/openai", cpus_per_worker=0.1,
-             infer_params={"saas.base_url": "http://127.0.0.1:9/v1", "saas.model": "gpt-4o-mini"})
     one = spark.createDataFrame([("hello world",)], "txt string")
     with pytest.raises(Exception, match="model 'task_echo' .* cannot count tokens: .*has no tokenizer"):
         one.select(llm_count_tokens("task_echo", "txt")).collect()
+
+
+def test_saas_counts_with_tiktoken_or_says_why():
+    """A saas model counts with tiktoken where it knows the model and can load its encoding (downloaded on first
+    use: offline, as here, the error says so and names TIKTOKEN_CACHE_DIR)."""
+    import asyncio
+
     import tiktoken
 
+    from byzerllm_spark.backends.saas import SaasBackend
+    from byzerllm_spark.config import DeployConfig, InferParams
+
+    def backend(model: str) -> SaasBackend:
+        params = InferParams.parse({"saas.base_url": "http://127.0.0.1:9/v1", "saas.model": model})
+        return SaasBackend(DeployConfig(model="m", pretrained_model_type="saas/openai", cpus_per_worker=0.001,
+                                        infer_params=params), None)
+
     try:
-        expected = len(tiktoken.encoding_for_model("gpt-4o-mini").encode("hello world"))
+        expected = [len(tiktoken.encoding_for_model("gpt-4o-mini").encode("hello world"))]
     except Exception:
         expected = None
     if expected is None:
-        with pytest.raises(Exception, match="model 'task_saas' .* cannot count tokens: tiktoken cannot load"):
-            one.select(llm_count_tokens("task_saas", "txt")).collect()
+        with pytest.raises(NotImplementedError, match="tiktoken cannot load encoding 'o200k_base' of saas/openai "
+                                                      "model 'gpt-4o-mini'.*TIKTOKEN_CACHE_DIR"):
+            asyncio.run(backend("gpt-4o-mini").count_tokens(["hello world"]))
     else:
-        assert one.select(llm_count_tokens("task_saas", "txt").alias("n")).first().n == expected
+        assert asyncio.run(backend("gpt-4o-mini").count_tokens(["hello world"])) == expected
+    with pytest.raises(NotImplementedError, match="tiktoken does not know the tokenizer of saas/openai model 'my-llm'"):
+        asyncio.run(backend("my-llm").count_tokens(["hello world"]))
