@@ -216,3 +216,60 @@ def test_langchain_structured_output_and_litellm(models, cluster):
     assert "Paris" in answer.choices[0].message.content
     streamed = "".join(c.choices[0].delta.content or "" for c in litellm.completion(stream=True, **kwargs))
     assert streamed == answer.choices[0].message.content
+
+
+#: A chat template written for tools, in the Hermes / Qwen 2.5 form (the model is told to answer with
+#: ``<tool_call>{"name": ..., "arguments": ...}</tool_call>``), over SmolLM2's ChatML turns.
+TOOLS_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\nYou may call functions. Their signatures:\n<tools>\n"
+    "{% for tool in tools %}{{ tool | tojson }}\n{% endfor %}</tools>\nTo call one, answer "
+    "<tool_call>{\"name\": <name>, \"arguments\": <args>}</tool_call><|im_end|>\n{% endif %}"
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_tools_with_a_chat_template_that_renders_them(models, tmp_path):
+    """A model whose chat template reads ``tools`` gets them rendered into its prompt, and its
+    ``<tool_call>`` blocks come back as OpenAI's ``tool_calls``; SmolLM2's own template refuses them
+    (test_chat_and_completions_parameters). Loaded in this process from the dequantised copy that the
+    module's transformers deployment made (``models``)."""
+    import asyncio
+
+    from byzerllm_spark.backends import registry
+    from byzerllm_spark.backends._model_files import dequantised_dir, default_model_dir, find_gguf
+    from byzerllm_spark.config import DeployConfig
+    from byzerllm_spark.errors import RequestRefusedError
+    from byzerllm_spark.protocol.request import parse_request
+
+    source = dequantised_dir(find_gguf(default_model_dir()))
+    model_dir = tmp_path / "smollm2-tools"
+    model_dir.mkdir()
+    for name in os.listdir(source):
+        if name != "chat_template.jinja":
+            os.symlink(os.path.join(source, name), model_dir / name)
+    (model_dir / "chat_template.jinja").write_text(TOOLS_TEMPLATE)
+    tool = {"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
+                                             "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+    request = parse_request({"messages": [{"role": "user", "content": "Weather in Paris?"}], "temperature": 0,
+                             "max_tokens": 24, "generation.tools": [tool]})
+    backend = registry.build(DeployConfig(model="tools", infer_backend="transformers", cpus_per_worker=1),
+                             str(model_dir))
+    try:
+        assert backend.supports_tools
+        backend.check_request(request)
+        assert '"name": "get_weather"' in backend.prompt(request) and "<tool_call>" in backend.prompt(request)
+        with pytest.raises(RequestRefusedError, match="tool_choice"):
+            backend.check_request(parse_request({"instruction": "x", "generation.tools": [tool],
+                                                 "generation.tool_choice": "required"}))
+        (answer,) = asyncio.run(backend.chat_batch([request]))
+        assert answer.error is None
+        for call in json.loads(answer.metadata.get("tool_calls", "[]")):  # what the model chose to call, if any
+            assert call["type"] == "function" and isinstance(json.loads(call["function"]["arguments"]), dict)
+        # the reading of a call, as a model trained for this template writes it
+        text = backend._result(backend.tokenizer.encode(
+            'Checking. <tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'), 10, 64, request)
+        (call,) = json.loads(text.metadata["tool_calls"])
+        assert call["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+        assert text.response == "Checking."
+    finally:
+        backend.close()

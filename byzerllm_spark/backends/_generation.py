@@ -10,6 +10,8 @@
 - ``logprobs``: the log-probability of each generated token under the model (log-softmax of its raw
   logits, before temperature and penalties), and the ``top_logprobs`` (0..20) most likely tokens of each
   step, as OpenAI's chat ``logprobs.content`` list of ``{token, logprob, bytes, top_logprobs}``.
+- ``tools``: rendered by a chat template written for them; the model's ``<tool_call>{...}</tool_call>``
+  blocks become OpenAI's ``tool_calls``.
 
 Torch is passed in, never imported here (``import byzerllm_spark`` imports no engine).
 """
@@ -17,6 +19,8 @@ Torch is passed in, never imported here (``import byzerllm_spark`` imports no en
 from __future__ import annotations
 
 import json
+import re
+import uuid
 from typing import Any
 
 from ..errors import RequestRefusedError, bad_value
@@ -205,3 +209,56 @@ class SeededSampler:
             token = torch.multinomial(probs[i], 1, generator=generator)
             out[i, token] = 0.0
         return out
+
+
+#: How chat templates written for tools (Hermes, Qwen 2.5, SmolLM3...) have the model write a call:
+#: ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``.
+_TOOL_CALL = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.DOTALL)
+
+
+def tool_definitions(generation: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The request's ``tools`` (OpenAI's ``[{"type": "function", "function": {...}}]``), or None.
+
+    Raises:
+        RequestRefusedError: not a list of function tools, or a ``tool_choice`` other than ``auto`` / ``none``
+            (a model can be asked to call, not made to).
+    """
+    tools = _loads(generation.get("tools"))
+    if not tools:
+        return None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) and t.get("type") == "function"
+                                              and isinstance(t.get("function"), dict) for t in tools):
+        raise RequestRefusedError(bad_value("tools", f"<{type(tools).__name__}>", 'pass [{"type": "function", '
+                                            '"function": {"name": ..., "parameters": {...}}}, ...]'), param="tools")
+    choice = _loads(generation.get("tool_choice"))
+    if choice not in (None, "auto", "none"):
+        raise RequestRefusedError(bad_value("tool_choice", choice, "this backend lets the model choose: pass 'auto' "
+                                            "(or 'none', or leave it out)"), param="tool_choice")
+    return tools
+
+
+def tool_calls(text: str) -> tuple[str, list[dict[str, Any]]]:
+    """The answer's text without its ``<tool_call>`` blocks, and the calls as OpenAI's ``tool_calls``
+    (``arguments`` as JSON text). A block that is not JSON with a ``name`` stays in the text.
+
+    Example:
+        >>> tool_calls('<tool_call>{"name": "f", "arguments": {"x": 1}}</tool_call>')[1][0]["function"]
+        {'name': 'f', 'arguments': '{"x": 1}'}
+    """
+    calls: list[dict[str, Any]] = []
+
+    def take(match: "re.Match") -> str:
+        try:
+            call = json.loads(match.group(1))
+        except ValueError:
+            return match.group(0)
+        if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+            return match.group(0)
+        arguments = call.get("arguments", call.get("parameters", {}))
+        calls.append({"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                      "function": {"name": call["name"], "arguments": arguments if isinstance(arguments, str)
+                                   else json.dumps(arguments, ensure_ascii=False)}})
+        return ""
+
+    rest = _TOOL_CALL.sub(take, text)
+    return (rest.strip() if calls else text), calls

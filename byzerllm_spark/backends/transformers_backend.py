@@ -261,9 +261,11 @@ class TransformersBackend(Backend):
         self._grammars: dict[str, str] = {}
         context = getattr(self.model.config, "max_position_embeddings", None)
         self.context_length = int(context) if context else None
-        # Tools are refused (400, param "tools"): rendering them needs a chat template written for tools, and
-        # reading the call back a format per model family; SmolLM2's template has none.
-        self.openai_keys = frozenset(OPENAI_GENERATION_KEYS) - {"tools", "tool_choice"}
+        # Tools where the model's chat template renders them (it reads a ``tools`` variable); elsewhere (SmolLM2's
+        # template has none) a request with tools is refused, 400 naming ``tools``.
+        template = getattr(self.tokenizer, "chat_template", None)
+        self.supports_tools = isinstance(template, str) and "tools" in template
+        self.openai_keys = frozenset(OPENAI_GENERATION_KEYS) - (set() if self.supports_tools else {"tools", "tool_choice"})
 
     def check_request(self, req) -> None:
         """Refuse, before any work, what this backend does not do, and malformed OpenAI sampling values
@@ -272,6 +274,8 @@ class TransformersBackend(Backend):
         _generation.stop_sequences(req.generation.get("stop"))
         _generation.penalties(req.generation, self._vocab_size())
         _generation.top_logprobs(req.generation)
+        if self.supports_tools:
+            _generation.tool_definitions(req.generation)
 
     def _vocab_size(self) -> int:
         return int(getattr(self.model.config, "vocab_size", None) or len(self.tokenizer))
@@ -293,7 +297,9 @@ class TransformersBackend(Backend):
         # within max_length, and the hint's extra prompt tokens cost more here than on llama.cpp.
         messages = prompt_messages(req, hint=False)
         if getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            tools = _generation.tool_definitions(req.generation) if getattr(self, "supports_tools", False) else None
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                                      **({"tools": tools} if tools else {}))
         # No chat template: Byzer-LLM's role names (user_role, assistant_role) build a plain transcript.
         user, assistant = req.user_role or "User", req.assistant_role or "Assistant"
         lines = [messages[0]["content"]] if messages[0]["role"] == "system" else []
@@ -418,6 +424,10 @@ class TransformersBackend(Backend):
             "completion_tokens": str(len(new_tokens)),
             "finish_reason": finish,
         }
+        if req is not None and getattr(self, "supports_tools", False) and _generation.tool_definitions(req.generation):
+            text, calls = _generation.tool_calls(text)  # the template's <tool_call> blocks: OpenAI's tool_calls
+            if calls:
+                metadata["tool_calls"] = json.dumps(calls, ensure_ascii=False)
         k = _generation.top_logprobs(req.generation) if req is not None else None
         if k is not None and logits is not None:
             entries = _generation.token_logprobs(self.tokenizer, self.torch, logits, new_tokens, k)

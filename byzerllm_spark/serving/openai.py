@@ -171,6 +171,9 @@ def _common_params(body: dict[str, Any], params: dict[str, Any], refused=CHAT_RE
     elif not _is_set(body.get("tools")) and body.get("tool_choice") not in (None, "none", "auto"):
         raise OpenAIError(f"tool_choice={_short(body['tool_choice'])!r} needs tools: pass tools, or leave "
                           "tool_choice out", param="tool_choice")
+    if body.get("stream") and "generation.tools" in params:
+        raise OpenAIError("tools with stream=true are not supported: ask without stream to get tool_calls",
+                          param="stream")
     if body.get("stream") and body.get("n") not in (None, 1):
         raise OpenAIError(f"n={body['n']!r} with stream=true is not supported: stream one choice, or ask for n "
                           "choices without stream", param="n")
@@ -191,9 +194,9 @@ def chat_params(body: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(message, dict) or "role" not in message:
             raise OpenAIError(f"messages[{i}] must be an object with 'role' and 'content'", param="messages")
         role = {"developer": "system"}.get(message["role"], message["role"])
-        if role not in ("system", "user", "assistant"):
-            raise OpenAIError(f"messages[{i}].role={role!r} is not supported; use system, user or assistant",
-                              param="messages")
+        if role not in ("system", "user", "assistant") and not (role == "tool" and _is_set(body.get("tools"))):
+            raise OpenAIError(f"messages[{i}].role={role!r} is not supported; use system, user or assistant "
+                              "(or tool, with tools)", param="messages")
         turns.append({"role": role, "content": _text_content(message.get("content"), params)})
     params["messages"] = turns
     _common_params(body, params)
