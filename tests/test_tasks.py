@@ -74,14 +74,17 @@ def texts(spark, models):
 
 
 def test_sql_task_functions_types_and_validity(spark, texts):
-    rows = spark.sql("""
-        SELECT id, txt,
-               llm_classify('task_smol', txt, array('positive', 'negative', 'neutral')) AS label,
-               llm_summarize('task_smol', txt, 6) AS summary,
-               llm_filter('task_smol', txt, 'the text mentions a city') AS city,
-               llm_count_tokens('task_smol', txt) AS tokens,
-               llm_extract('task_smol', txt, array('place')) AS facts
-        FROM task_texts""").collect()  # no ORDER BY: Spark's range sampling would run every function twice
+    import byzerllm_spark as bls
+
+    with bls.track(spark) as cost:
+        rows = spark.sql("""
+            SELECT id, txt,
+                   llm_classify('task_smol', txt, array('positive', 'negative', 'neutral')) AS label,
+                   llm_summarize('task_smol', txt, 6) AS summary,
+                   llm_filter('task_smol', txt, 'the text mentions a city') AS city,
+                   llm_count_tokens('task_smol', txt) AS tokens,
+                   llm_extract('task_smol', txt, array('place')) AS facts
+            FROM task_texts""").collect()  # no ORDER BY: Spark's range sampling would run every function twice
     assert [r.id for r in rows] == [0, 1, 2]  # input order kept
     answered = [r for r in rows if r.txt is not None]
     assert all(r.label in LABELS for r in answered), rows
@@ -89,6 +92,8 @@ def test_sql_task_functions_types_and_validity(spark, texts):
     assert all(isinstance(r.city, bool) for r in answered), rows
     assert all(set(r.facts) == {"place"} and all(isinstance(v, str) for v in r.facts.values())
                for r in answered), rows
+    # what the query cost, per model: 5 functions x 2 rows sent (nulls are never sent), tokens generated
+    assert cost.by_model["task_smol"].rows == 10 and cost.by_model["task_smol"].completion_tokens > 0
     null = rows[1]
     assert (null.label, null.summary, null.city, null.tokens, null.facts) == (None,) * 5  # null in, null out
 
@@ -163,8 +168,8 @@ def test_per_row_errors_and_typed_sql_extraction(spark, texts):
         bls.register_extract_function(spark, "task_bad", "string")
 
 
-def test_wrong_model_kind_is_a_clear_error(spark, texts, deployed):
-    from byzerllm_spark.functions import llm_classify, llm_count_tokens, llm_embed
+def test_wrong_model_kind_is_a_clear_error(spark, texts):
+    from byzerllm_spark.functions import llm_classify, llm_embed
 
     with pytest.raises(ConfigError, match="llm_classify cannot use model 'task_minilm': it is an embedding model"):
         llm_classify("task_minilm", "txt", LABELS)
@@ -176,11 +181,20 @@ def test_wrong_model_kind_is_a_clear_error(spark, texts, deployed):
     with pytest.raises(Exception, match="llm_summarize cannot use model 'task_minilm'.*llm_embed"):
         spark.sql("SELECT llm_summarize('task_minilm', txt, 5) FROM task_texts").collect()
 
-    # a model without a tokenizer (the echo plugin): the worker's tokenize route says so, row by row
-    deployed("task_echo", pretrained_model_type="custom/echo", cpus_per_worker=0.1)
-    one = spark.createDataFrame([("hello world",)], "txt string")
-    with pytest.raises(Exception, match="model 'task_echo' .* cannot count tokens: .*has no tokenizer"):
-        one.select(llm_count_tokens("task_echo", "txt")).collect()
+
+def test_a_model_without_a_tokenizer_says_so():
+    """The echo plugin has no tokenizer: its count says so, naming what to add (the worker's tokenize route puts
+    this message on each row, prefixed with the model's name)."""
+    import asyncio
+
+    from byzerllm_spark.backends import echo
+    from byzerllm_spark.backends.plugin import PluginBackend
+    from byzerllm_spark.config import DeployConfig
+
+    backend = PluginBackend(DeployConfig(model="m", pretrained_model_type="custom/echo", cpus_per_worker=0.001),
+                            None, echo)
+    with pytest.raises(NotImplementedError, match="has no tokenizer to count with.*count_tokens"):
+        asyncio.run(backend.count_tokens(["hello"]))
 
 
 def test_saas_counts_with_tiktoken_or_says_why():
