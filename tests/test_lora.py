@@ -138,3 +138,27 @@ def test_lora_adapters_are_checked_before_any_worker_starts(cluster, tmp_path):
     with pytest.raises(ConfigError, match="lora_adapters: llama_cpp serves no LoRA adapters"):
         bls.deploy("lora_bad", infer_backend="llama_cpp", lora_adapters={"a": str(tmp_path)})
     assert not bls.exists("lora_bad")
+
+
+def test_lora_settings_parse_once_and_pickle():
+    """Pure: the forms lora_adapters takes, the errors that name the bad value, a config that travels."""
+    import pickle
+
+    from byzerllm_spark.config import DeployConfig, parse_lora_adapters
+    from byzerllm_spark.errors import RequestParseError
+    from byzerllm_spark.protocol.request import parse_request
+
+    assert parse_lora_adapters("facts=/a, tone=/b") == parse_lora_adapters({"facts": "/a", "tone": "/b"})
+    assert parse_lora_adapters(None) == {}
+    with pytest.raises(ConfigError, match="'facts' is named twice"):
+        parse_lora_adapters("facts=/a,facts=/b")
+    with pytest.raises(ConfigError, match=r"lora_adapters\['x'\]=3 is not valid"):
+        parse_lora_adapters({"x": 3})
+    config = DeployConfig(model="base", lora_adapters="facts=/a,tone=/b", max_loras=2)
+    assert pickle.loads(pickle.dumps(config)) == config and config.lora_adapters == {"facts": "/a", "tone": "/b"}
+    with pytest.raises(ConfigError, match="max_loras=0 is not valid"):
+        DeployConfig(model="base", max_loras=0)
+    assert parse_request({"instruction": "q", "adapter": "facts"}).adapter == "facts"
+    assert parse_request({"instruction": "q", "adapter": ""}).adapter is None  # the base model, as no key
+    with pytest.raises(RequestParseError, match="adapter='<list of 1>' is not valid"):
+        parse_request({"instruction": "q", "adapter": ["facts"]})
