@@ -17,9 +17,11 @@ from _fake_openai import FakeOpenAIServer
 from byzerllm_spark.serving.openai import (
     OpenAIError,
     chat_params,
+    completion_logprobs,
     completion_params,
     embedding_inputs,
     encode_embedding,
+    responses_params,
 )
 
 ECHO = "custom/echo"
@@ -69,9 +71,72 @@ def test_chat_body_maps_to_llm_param():
         {"instruction": "a", "max_tokens": 5}, {"instruction": "b", "max_tokens": 5}]
     with pytest.raises(OpenAIError, match="token arrays"):
         completion_params({"prompt": [[1, 2]]})
+    # the Responses API's body, and the completions form of chat logprobs
+    assert responses_params({"input": [{"role": "developer", "content": "be brief"},
+                                       {"type": "message", "role": "user",
+                                        "content": [{"type": "input_text", "text": "hi"}]}],
+                             "instructions": "sys", "max_output_tokens": 9, "temperature": 0, "store": True,
+                             "text": {"format": {"type": "json_schema", "name": "p", "schema": {"type": "object"}}}}) == {
+        "messages": [{"role": "system", "content": "sys"}, {"role": "system", "content": "be brief"},
+                     {"role": "user", "content": "hi"}],
+        "temperature": 0, "max_tokens": 9,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": {"type": "object"},
+                                                                   "strict": None}}}
+    for bad, param in (({"input": "x", "previous_response_id": "resp_1"}, "previous_response_id"),
+                       ({"input": "x", "tools": [{"type": "web_search"}]}, "tools"),
+                       ({"input": [{"type": "function_call_output", "output": "1"}]}, "input"),
+                       ({"input": "x", "text": {"format": {"type": "xml"}}}, "text.format"),
+                       ({"input": "x", "max_tokens": 3}, "max_tokens")):
+        with pytest.raises(OpenAIError) as err:
+            responses_params(bad)
+        assert err.value.status == 400 and err.value.param == param
+    assert completion_logprobs([{"token": "Pa", "logprob": -0.5, "top_logprobs": [{"token": "Pa", "logprob": -0.5}]},
+                                {"token": "ris", "logprob": -0.1, "top_logprobs": []}]) == {
+        "tokens": ["Pa", "ris"], "token_logprobs": [-0.5, -0.1], "top_logprobs": [{"Pa": -0.5}, {}],
+        "text_offset": [0, 2]}
     assert embedding_inputs({"input": "x"}) == ["x"]
     assert encode_embedding([1.0, -2.5], "base64") == "AACAPwAAIMA="
     assert encode_embedding([1.0], None) == [1.0]
+
+
+def test_sampling_helpers_of_engines_without_them():
+    """backends/_generation: a stream joins to exactly the whole answer cut at its stop sequence, OpenAI's
+    penalty formula, and bad values refused naming their parameter."""
+    import random
+
+    import torch
+
+    from byzerllm_spark.backends import _generation as g
+    from byzerllm_spark.errors import RequestRefusedError
+
+    rng = random.Random(3)
+    for text in ("  The capital is Paris. Yes  ", "a \n b\n", " x Par Paris", "  "):
+        for stops in ([], ["Paris"], ["\n"], ["P", "is"]):
+            for _ in range(20):
+                stream, out, i, stopped = g.TextStream(stops), "", 0, False
+                while i < len(text) and not stopped:
+                    j = i + rng.randint(1, 4)
+                    piece, stopped = stream.feed(text[i:j])
+                    out, i = out + piece, j
+                out += "" if stopped else stream.finish()
+                assert out == g.cut_at_stop(text, stops)[0].strip()
+    assert g.stop_sequences('["a", "b"]') == ["a", "b"] and g.stop_sequences(None) == []
+    scores = torch.zeros(1, 4)
+    ids = torch.tensor([[9, 9, 1, 1, 2]])  # a 2-token prompt, then tokens 1, 1, 2
+    processor = g.PenaltyProcessor(0.5, 0.25, {3: -100.0}, torch)
+    processor.start = 2
+    assert processor(ids, scores).tolist() == [[0.0, -1.0, -0.75, -100.0]]
+    assert g.top_logprobs({"logprobs": True}) == 0 and g.top_logprobs({}) is None
+    for bad, param in (({"stop": ["a"] * 5}, "stop"), ({"presence_penalty": 3}, "presence_penalty"),
+                       ({"logit_bias": {"x": 1}}, "logit_bias"), ({"logit_bias": {"1": 101}}, "logit_bias"),
+                       ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+                       ({"tools": [{"type": "function", "function": {}}], "tool_choice": "required"}, "tool_choice")):
+        with pytest.raises(RequestRefusedError) as err:
+            g.stop_sequences(bad.get("stop"))
+            g.penalties(bad, 10)
+            g.top_logprobs(bad)
+            g.tool_definitions(bad)
+        assert err.value.param == param and err.value.status == 400
 
 
 # ---- against the cluster ----------------------------------------------------------------------

@@ -297,6 +297,9 @@ def responses_params(body: dict[str, Any]) -> dict[str, Any]:
             raise OpenAIError(f"text.format={_short(fmt)!r} is not valid: use type 'text', 'json_object' or "
                               "'json_schema' (with name and schema)", param="text.format")
         if fmt["type"] == "json_schema":
+            if not isinstance(fmt.get("schema"), dict):
+                raise OpenAIError("text.format of type json_schema needs a 'schema' object (and a 'name')",
+                                  param="text.format")
             params["response_format"] = {"type": "json_schema", "json_schema": {
                 "name": fmt.get("name") or "answer", "schema": fmt.get("schema"), "strict": fmt.get("strict")}}
         elif fmt["type"] == "json_object":
