@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from byzerllm_spark.errors import ConfigError
-from byzerllm_spark.sql.tasks import TASKS, build_request, cut_words, kind_error
+from byzerllm_spark.sql.tasks import TASK_NAMES, TASKS, build_request, cut_words, kind_error
 
 LABELS = ["positive", "negative", "neutral"]
 TEXTS = ["I love this phone, the battery lasts two days.", None, "The meeting is on Tuesday at 10 in Paris."]
@@ -160,6 +160,17 @@ def test_per_row_errors_and_typed_sql_extraction(spark, texts):
         labels.select(llm_classify("task_smol", "txt", F.col("labels"))).collect()
     with pytest.raises(ConfigError, match="llm_classify labels='labels' is not valid: pass a list of labels"):
         llm_classify("task_smol", "txt", "labels")
+
+    # in SQL: registered again with fail_on_error=False, every task function returns the struct
+    assert bls.register_task_functions(spark, fail_on_error=False) == list(TASK_NAMES)
+    try:
+        kinds = spark.sql("SELECT llm_filter('task_smol', txt, 'x') AS f, llm_embed('task_minilm', txt) AS v "
+                          "FROM task_texts").schema
+        assert [f.dataType.simpleString() for f in kinds] == [
+            "struct<response:string,error:string,metadata:map<string,string>,value:boolean>",
+            "struct<response:string,error:string,metadata:map<string,string>,value:array<float>>"]
+    finally:
+        bls.register_task_functions(spark)
 
     bls.register_extract_function(spark, "task_extract_day", "struct<day:string, hour:int>")
     row = spark.sql("SELECT task_extract_day('task_smol', txt) AS r FROM task_texts WHERE id = 2").first()
