@@ -13,7 +13,8 @@ merged model (target: ratio >= 0.8).
 Usage::
 
     .venv/bin/python benchmarks/bench_lora.py                 # 32 rows, max_length 32, 3 repeats
-    .venv/bin/python benchmarks/bench_lora.py --smoke         # 4 rows, max_length 4, 1 repeat
+    .venv/bin/python benchmarks/bench_lora.py --smoke         # 4 rows, max_length 4, 1 repeat; baseline: the
+                                                              # base model (bench_serving's worker, no merge)
 """
 
 from __future__ import annotations
@@ -38,9 +39,9 @@ def prompts(n: int) -> list[str]:
     return [f"Write one sentence about {TOPICS[i % len(TOPICS)]} (note {i})." for i in range(n)]
 
 
-def make_models(folder: str) -> tuple[dict[str, str], str]:
+def make_models(folder: str, merge: bool = True) -> tuple[dict[str, str], str | None]:
     """({adapter name: dir}, merged model dir): two random rank-16 LoRA adapters over the embedded SmolLM2, and
-    the base with the first merged into its weights."""
+    the base with the first merged into its weights (None with ``merge=False``)."""
     import peft
     import torch
     import transformers
@@ -57,6 +58,8 @@ def make_models(folder: str) -> tuple[dict[str, str], str]:
                                init_lora_weights=False, task_type="CAUSAL_LM")  # random B: a real change
         adapters[name] = os.path.join(folder, f"adapter_{name}")
         peft.get_peft_model(model, lora).save_pretrained(adapters[name])
+    if not merge:
+        return adapters, None
     base = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     merged = os.path.join(folder, "merged")
     peft.PeftModel.from_pretrained(base, adapters["a"]).merge_and_unload().save_pretrained(merged)
@@ -93,27 +96,30 @@ def run(args: argparse.Namespace, spark=None) -> None:
     """The figure, on the cluster ``bls.init()`` started (``spark`` is not used)."""
     folder = tempfile.mkdtemp(prefix="bench-lora-")
     try:
-        _measure(args, *make_models(folder))
+        # --smoke: the baseline is the base model that bench_serving's deployment already holds (run_all reuses
+        # its worker); a merged model has the base model's shapes, so it costs the same per token.
+        _measure(args, *make_models(folder, merge=not args.smoke))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _measure(args: argparse.Namespace, adapters: dict[str, str], merged: str) -> None:
+def _measure(args: argparse.Namespace, adapters: dict[str, str], merged: str | None) -> None:
     base = [{"instruction": t, "max_length": args.max_length, "temperature": 0,
              "generation.min_new_tokens": args.max_length} for t in prompts(args.rows)]
     spread = [{**row, "adapter": "ab"[i % 2]} for i, row in enumerate(base)]
     common = {"infer_backend": "transformers", "num_workers": 1, "cpus_per_worker": 1}
+    other, kind = ("bench_lora_merged", "merged") if merged else ("bench_smol_transformers", "base (smoke)")
     with deployment("bench_lora", lora_adapters=adapters, **common), \
-            deployment("bench_lora_merged", model_path=merged, **common):
+            deployment(other, **({"model_path": merged} if merged else {}), **common):
         timed("bench_lora", spread[:4])  # warm both: first calls pay one-off costs
-        timed("bench_lora_merged", base[:4])
+        timed(other, base[:4])
         runs: dict[str, list[float]] = {"lora": [], "merged": []}
         for rep in range(args.repeat):
-            for mode, model, rows in (("lora", "bench_lora", spread), ("merged", "bench_lora_merged", base)):
+            for mode, model, rows in (("lora", "bench_lora", spread), ("merged", other, base)):
                 runs[mode].append(timed(model, rows))
                 print(f"  run {rep + 1} {mode:6s} {runs[mode][-1]:6.2f} answers/s", flush=True)
     size = f"{args.rows} rows of {args.max_length} tokens, median of {args.repeat}"
-    report(f"transformers: answers/s, rows over 2 LoRA adapters vs one merged model ({size})",
+    report(f"transformers: answers/s, rows over 2 LoRA adapters vs one {kind} model ({size})",
            statistics.median(runs["lora"]), statistics.median(runs["merged"]), "answers/s", ">= 0.8")
 
 
