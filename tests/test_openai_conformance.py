@@ -273,3 +273,26 @@ def test_tools_with_a_chat_template_that_renders_them(models, tmp_path):
         assert text.response == "Checking."
     finally:
         backend.close()
+
+
+def test_llama_cpp_without_logits_all_refuses_logprobs_by_name():
+    """llama.cpp keeps per-token logits only when deployed with ``logits_all=True``: without it, ``logprobs``
+    is a 400 naming it and the fix (in this process: the engine alone, no deployment)."""
+    from byzerllm_spark.backends import registry
+    from byzerllm_spark.backends._model_files import default_model_dir
+    from byzerllm_spark.config import DeployConfig, InferParams
+    from byzerllm_spark.errors import RequestRefusedError
+    from byzerllm_spark.protocol.request import parse_request
+
+    backend = registry.build(DeployConfig(model="lp", infer_backend="llama_cpp", cpus_per_worker=1,
+                                          infer_params=InferParams.parse({"n_ctx": 256})), default_model_dir())
+    try:
+        with pytest.raises(RequestRefusedError, match="logits_all") as err:
+            backend.check_request(parse_request({"instruction": "x", "generation.logprobs": True}))
+        assert err.value.param == "logprobs" and err.value.status == 400
+        with pytest.raises(RequestRefusedError) as err:
+            backend.check_request(parse_request({"instruction": "x", "generation.tools": [{"type": "function"}]}))
+        assert err.value.param == "tools"
+        backend.check_request(parse_request({"instruction": "x", "generation.stop": "\n", "generation.seed": 1}))
+    finally:
+        backend.close()
