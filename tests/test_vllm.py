@@ -104,3 +104,20 @@ def test_stream_through_openai_client(vllm_model):
     assert len(story) > 1
     assert "".join(story) == bls.chat(vllm_model, "Tell me a long story about a dragon.", temperature=0,
                                       max_length=128)
+
+
+def test_response_format_through_vllms_structured_outputs(vllm_model):
+    import json
+
+    schema = {"type": "object", "properties": {"city": {"type": "string"}, "year": {"type": "integer"}},
+              "required": ["city", "year"], "additionalProperties": False}
+    fmt = {"type": "json_schema", "json_schema": {"name": "place", "schema": schema}}
+    rows = bls.chat_batch(vllm_model, [
+        {"instruction": f"Extract city and year: {who} moved to {city} in {year}.", "temperature": 0,
+         "max_length": 48, "response_format": fmt}
+        for who, city, year in (("Ana", "Lima", 1987), ("Ben", "Oslo", 2001), ("Eva", "Rome", 1964))
+    ], with_metadata=True)
+    for row in rows:
+        assert row["error"] is None, row
+        value = json.loads(row["response"])  # the worker also checked it against the schema
+        assert set(value) == {"city", "year"} and isinstance(value["year"], int), value
