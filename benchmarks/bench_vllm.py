@@ -8,6 +8,8 @@ prompts before it is timed; the offline side times the ``chat`` call alone, the 
 (Spark tasks, Arrow over HTTP, the Serve worker, one HTTP request per row to its vLLM server). Figures:
 
 * vllm: SQL answers/s vs offline ``LLM.chat`` answers/s (target: ratio >= 0.9);
+* vllm: ``bls.chat_batch`` answers/s (the rows as one request, no Spark) vs offline: the serving path's
+  own cost, apart from Spark's executors on the same CPUs;
 * transformers and llama_cpp: SQL answers/s on the same prompts, each against the vLLM offline figure
   (the table of the README's vLLM section).
 
@@ -90,6 +92,20 @@ def sql_answers_per_s(spark, model: str, texts: list[str], max_length: int) -> f
     return len(texts) / seconds
 
 
+def direct_answers_per_s(model: str, texts: list[str], max_length: int) -> float:
+    """Answers/s of ``texts`` sent by ``bls.chat_batch`` as one Arrow request: the serving path without
+    Spark (the worker, its HTTP requests to vLLM's server), to tell its cost from Spark's."""
+    import byzerllm_spark as bls
+
+    rows = [{"instruction": t, "temperature": 0, "max_length": max_length} for t in texts]
+    start = time.perf_counter()
+    answers = bls.chat_batch(model, rows, batch_size=len(rows))
+    seconds = time.perf_counter() - start
+    if len(answers) != len(rows) or not all(answers):
+        raise SystemExit(f"{model}: bls.chat_batch left rows unanswered")
+    return len(rows) / seconds
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--engines", default="vllm,transformers,llama_cpp")
@@ -125,8 +141,11 @@ def run(args: argparse.Namespace, spark=None) -> None:
             kwargs["infer_params"] = {f"backend.{k}": str(v) for k, v in engine_args.items()}
         with deployment(f"bench_vllm_{engine}", **kwargs) as name:
             rate = sql_answers_per_s(spark, name, texts, args.max_length)
+            direct = direct_answers_per_s(name, texts, args.max_length) if engine == "vllm" else None
         if engine == "vllm":
             report(f"vllm: SQL answers/s vs vLLM offline LLM.chat ({size})", rate, base_rate, "answers/s", ">= 0.9")
+            report(f"vllm: bls.chat_batch answers/s (one request, no Spark) vs vLLM offline LLM.chat ({size})",
+                   direct, base_rate, "answers/s")
         else:
             report(f"{engine}: SQL answers/s vs vLLM offline LLM.chat ({size})", rate, base_rate, "answers/s")
 
