@@ -2,8 +2,8 @@
 functions with a ``return_type`` that return typed Spark columns.
 
 Unit tests first (parsing, schema mapping, answer checks); then real engines: SmolLM2 on transformers
-(llguidance) and llama.cpp (its JSON-schema grammar), a ``saas/openai`` deployment pointed at our own
-``/v1``, and the echo plugin (which cannot constrain: its answers are only checked).
+and on llama.cpp (llguidance masks both), a ``saas/openai`` deployment pointed at our own ``/v1``, and
+the echo plugin (which cannot constrain: its answers are only checked).
 """
 
 from __future__ import annotations

@@ -4,12 +4,13 @@ Plain ``infer_params`` keys are llama.cpp's own ``Llama(...)`` arguments, as Byz
 give them (``n_gpu_layers``, ``verbose``, ``n_ctx``...); ``backend.*`` keys are accepted too. Unknown
 keys are refused on the driver at ``deploy()``, before any worker starts.
 
-A request's ``response_format`` becomes llama.cpp's JSON-schema grammar (llama-cpp-python's
-``json_schema_to_gbnf``, the GBNF that ``response_format={"type": "json_object", "schema": ...}`` would
-build), so decoding can only produce a valid answer. One fix to that grammar: its rule for a string's
-characters lets a raw newline or other control character into a string, which is not JSON (measured:
-SmolLM2 wrote a newline inside a city name and ran on to ``max_length``); llama.cpp's own C++ converter
-excludes control characters, and so does the grammar here.
+A request's ``response_format`` constrains decoding through llguidance, as on the transformers backend:
+a llama-cpp-python ``logits_processor`` masks, at each step, the tokens the schema forbids (compact JSON,
+no control characters in strings), so the answer always parses. Why not llama.cpp's own JSON-schema
+grammar (``json_schema_to_gbnf``): its sampler checks the grammar against all 49k candidate tokens of
+SmolLM2 each step. Measured (2026-11-30, 16 extraction prompts, the same prompts and answer lengths,
+one core, load 7): 6.59 s with the GBNF grammar, 5.27 s with llguidance: about 5 ms a token for the
+grammar against 0.25 ms for llguidance's mask. llguidance's compact JSON is also a token shorter.
 """
 
 from __future__ import annotations
@@ -45,6 +46,32 @@ def _import_llama():
             f"(scripts/setup.sh builds it once) ({exc})"
         ) from None
     return Llama
+
+
+class _Grammar:
+    """llama-cpp-python's ``logits_processor`` for one answer: feeds the token chosen last to the llguidance
+    matcher, then sets the logits of the tokens it forbids to -inf (only end-of-sequence once it is done)."""
+
+    def __init__(self, matcher, vocab_size: int, eos: int) -> None:
+        import llguidance.numpy
+
+        self.matcher, self.eos, self.numpy = matcher, eos, llguidance.numpy
+        self.bitmask = llguidance.numpy.allocate_token_bitmask(1, vocab_size)
+        self.started = False
+
+    def __call__(self, input_ids, logits):
+        matcher = self.matcher
+        if self.started and not matcher.is_stopped():
+            matcher.consume_token(int(input_ids[-1]))  # the token chosen at the previous step
+        self.started = True
+        if matcher.is_stopped() or matcher.is_error():
+            end = logits[self.eos]
+            logits[:] = float("-inf")
+            logits[self.eos] = end
+            return logits
+        self.numpy.fill_next_token_bitmask(matcher, self.bitmask, 0)
+        self.numpy.apply_token_bitmask_inplace(logits, self.bitmask)
+        return logits
 
 
 def llama_params(config, Llama) -> dict[str, Any]:
@@ -95,7 +122,8 @@ class LlamaCppBackend(Backend):
         self.gguf = gguf
         self.llm = Llama(model_path=gguf, **self.params)
         self._lock = threading.Lock()
-        self._grammars: dict[str, Any] = {}
+        self._grammars: dict[str, str] = {}  # schema key -> llguidance grammar
+        self._ll_tokenizer = None  # llguidance's view of the GGUF vocabulary: built on the first response_format
         self.context_length = int(self.llm.n_ctx())
         completion = inspect.signature(self.llm.create_chat_completion).parameters
         self._gen_keys = set(completion) - {"messages", "stream", "self"}
@@ -131,19 +159,30 @@ class LlamaCppBackend(Backend):
         if generation.get("seed") not in (None, ""):
             kwargs["seed"] = int(generation["seed"])
         if req.response_format is not None:
-            kwargs["grammar"] = self._grammar(req.response_format)
+            kwargs["logits_processor"] = [self._grammar(req.response_format)]
         return kwargs
 
-    def _grammar(self, fmt):
-        """The llama.cpp grammar of a ``response_format``, built once per schema."""
+    def _grammar(self, fmt) -> "_Grammar":
+        """A fresh logits processor for one answer in ``fmt``; the grammar is compiled once per schema."""
+        try:
+            import llguidance
+            import llguidance.llamacpp
+        except ImportError as exc:
+            raise ImportError("response_format on infer_backend='llama_cpp' needs llguidance: pip install "
+                              f"'byzerllm-spark[llama-cpp]' ({exc})") from None
+        if self._ll_tokenizer is None:  # ~1 s, once per worker
+            from llama_cpp import llama_model_get_vocab
+
+            self._ll_tokenizer = llguidance.llamacpp.lltokenizer_from_vocab(llama_model_get_vocab(self.llm.model))
         grammar = self._grammars.get(fmt.key)
         if grammar is None:
-            from llama_cpp.llama_grammar import LlamaGrammar, json_schema_to_gbnf
-
-            gbnf = json_schema_to_gbnf(json.dumps(fmt.schema))
-            gbnf = gbnf.replace('char ::= [^"\\\\]', 'char ::= [^"\\\\\\x7F\\x00-\\x1F]')
-            grammar = self._grammars[fmt.key] = LlamaGrammar.from_string(gbnf, verbose=False)
-        return grammar
+            # Compact JSON: a small model given free whitespace may spend its tokens on spaces and newlines.
+            grammar = self._grammars[fmt.key] = llguidance.LLMatcher.grammar_from_json_schema(
+                fmt.schema, overrides={"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "})
+        matcher = llguidance.LLMatcher(self._ll_tokenizer, grammar, log_level=0)
+        if matcher.is_error():
+            raise ValueError(f"response_format: llguidance cannot use this schema: {matcher.get_error()}")
+        return _Grammar(matcher, self._ll_tokenizer.vocab_size, self.llm.token_eos())
 
     def _answer(self, req) -> ChatResult:
         try:
