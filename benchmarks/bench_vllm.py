@@ -37,7 +37,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from _common import add_smoke_flag, deployment, finish, report, spark_session  # noqa: E402
+from _common import add_smoke_flag, deployment, main_on_ray, report, spark_session  # noqa: E402
 
 SUBJECTS = ["France", "Germany", "Italy", "Spain", "Japan", "Canada", "Egypt", "Brazil", "India", "Kenya",
             "Peru", "Norway", "Chile", "Greece", "Poland", "Mexico"]
@@ -151,15 +151,7 @@ def run(args: argparse.Namespace, spark=None) -> None:
 
 
 def main() -> None:
-    import byzerllm_spark as bls
-
-    args = parse_args()
-    bls.init(http_port=0, include_dashboard=False)
-    try:
-        run(args)
-    finally:
-        bls.shutdown()
-    finish("bench_vllm")
+    main_on_ray("bench_vllm", parse_args, run)
 
 
 if __name__ == "__main__":
