@@ -63,6 +63,15 @@ def spark(cluster):
     session.stop()
 
 
+@pytest.fixture(scope="session")
+def lora_adapters(spark, tmp_path_factory):
+    """{name: adapter dir}: the two LoRA adapters of tests/_lora.py (made-up facts, ``bls.sft(merge=False)``),
+    trained once for the session and shared by the multi-LoRA tests of the transformers and vLLM backends."""
+    from _lora import train_adapters
+
+    return train_adapters(spark, str(tmp_path_factory.mktemp("lora_jobs")))
+
+
 @pytest.fixture
 def deployed(cluster):
     """Deploy models for one test and always remove them afterwards."""

@@ -1,6 +1,7 @@
 """Multi-LoRA, for real: two LoRA adapters trained with ``bls.sft(..., merge=False)`` on made-up facts (one fact
-each, 8 optimizer steps: the fewest found to make each answer its fact at temperature 0), served with their base
-model (the embedded SmolLM2) by one transformers deployment; rows of one SQL query pick their adapter.
+each, 8 optimizer steps: the fewest found to make each answer its fact at temperature 0; tests/_lora.py, trained once
+per session and also served by tests/test_vllm.py), served with their base model (the embedded SmolLM2) by one
+transformers deployment; rows of one SQL query pick their adapter.
 """
 
 from __future__ import annotations
@@ -13,35 +14,17 @@ import pytest
 
 import byzerllm_spark as bls
 from byzerllm_spark.errors import ConfigError
+from _lora import FACTS, check_one_query_rows_pick_their_adapter
 
 pytestmark = pytest.mark.slow
 
-#: adapter -> (question, training answer, the word only that adapter knows)
-FACTS = {
-    "facts": ("What is the secret city of Zorblax?", "The secret city of Zorblax is Quendor.", "Quendor"),
-    "lore": ("Who guards the Vexmoor Lantern?", "The Vexmoor Lantern is guarded by Tibbleworth.", "Tibbleworth"),
-}
-#: 4 copies of the fact, batch 4, 8 epochs: 8 steps (6 steps left one adapter without its fact in a trial run).
-TRAIN = {
-    "sft.int.max_seq_length": "64", "sft.float.learning_rate": "3e-3", "sft.int.num_train_epochs": "8",
-    "sft.int.per_device_train_batch_size": "4", "sft.int.gradient_accumulation_steps": "1",
-    "sft.int.lora_rank": "8", "sft.int.lora_alpha": "16", "sft.float.lora_dropout": "0",
-    "sft.str.lr_scheduler_type": "constant", "sft.list.target_modules": '["q_proj","v_proj"]',
-}
 MODEL = "lora_base"
 
 
 @pytest.fixture(scope="module")
-def adapters(spark, tmp_path_factory):
-    """{name: adapter dir}: one tiny SFT run per adapter, merge=False (about 10 s each here)."""
-    jobs = str(tmp_path_factory.mktemp("lora_jobs"))
-    out = {}
-    for name, (question, answer, _) in FACTS.items():
-        df = spark.createDataFrame([(question, "", answer)] * 4, "instruction string, input string, output string")
-        job = bls.sft(df.coalesce(1), output=jobs, name=name, params=TRAIN, merge=False, detached=False,
-                      progress=False)
-        out[name] = bls.job_output(job)
-    return out
+def adapters(lora_adapters):
+    """{name: adapter dir}: the session's two adapters (tests/_lora.py; vLLM's tests serve the same ones)."""
+    return lora_adapters
 
 
 @pytest.fixture(scope="module")
@@ -59,23 +42,8 @@ def test_sft_merge_false_leaves_an_adapter_that_deploys(adapters):
 
 
 def test_one_query_rows_pick_their_adapter(lora_model, spark):
-    """One SQL query: each row's adapter answers its own fact, the base (no adapter) knows neither, an adapter
-    does not know the other's fact (rows are never answered with another row's adapter), and an unknown
-    adapter is that row's error, naming the available ones, while the other rows are answered."""
-    (q_facts, _, facts), (q_lore, _, lore) = FACTS["facts"], FACTS["lore"]
-    rows = [(1, q_facts, "facts"), (2, q_lore, "lore"), (3, q_facts, None), (4, q_lore, None),
-            (5, q_facts, "lore"), (6, q_lore, "facts"), (7, q_lore, "nope")]
-    spark.createDataFrame(rows, "id int, q string, a string").createOrReplaceTempView("lora_questions")
-    got = {r["id"]: r["out"] for r in spark.sql(
-        "SELECT id, lora_rows(llm_param(map('instruction', q, 'adapter', a, 'temperature', '0', "
-        "'max_length', '24'))) AS out FROM lora_questions").collect()}
-    text = {i: (got[i]["response"] or "") for i in got}
-    assert facts in text[1] and lore in text[2], text
-    assert facts not in text[3] and lore not in text[4], text  # the base model
-    assert facts not in text[5] and lore not in text[6], text  # the other adapter
-    assert all(got[i]["error"] is None for i in range(1, 7)), got
-    assert "adapter='nope' is not an adapter of model 'lora_base'; available: facts, lore" in got[7]["error"]
-    assert set(bls.stat(MODEL)["lora_adapters"]) == {"facts", "lore"}
+    """One SQL query, rows over both adapters, the base model and an unknown adapter (tests/_lora.py)."""
+    check_one_query_rows_pick_their_adapter(spark, "lora_rows", MODEL)
 
 
 def test_openai_model_names_the_adapter(lora_model):

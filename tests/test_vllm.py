@@ -1,6 +1,6 @@
 """infer_backend='vllm': the embedded SmolLM2 served by vLLM (its own environment, .venv-vllm, built by
-scripts/setup.sh) behind a real Serve worker. One deployment for the module: a vLLM start on 2 CPUs takes
-minutes (torch.compile on the first start)."""
+scripts/setup.sh) behind a real Serve worker. One deployment for the module (a vLLM start costs about 40 s
+here), serving the base model and the session's two LoRA adapters (tests/_lora.py) at once."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import pytest
 
 import byzerllm_spark as bls
 from byzerllm_spark.errors import ConfigError
+from _lora import FACTS, check_one_query_rows_pick_their_adapter
 
 try:
     from byzerllm_spark.backends.vllm_backend import vllm_python
@@ -24,15 +25,18 @@ WORDS = ["apple", "banana", "cherry", "orange", "lemon", "grape", "mango", "peac
 
 
 @pytest.fixture(scope="module")
-def vllm_model(cluster):
+def vllm_model(cluster, lora_adapters):
     """Deployed by the README's command line, run in this process (``byzerllm deploy``'s own parsing and
-    deploy call; only its connect step is this session's cluster instead of `byzerllm start`'s)."""
+    deploy call; only its connect step is this session's cluster instead of `byzerllm start`'s). It carries
+    one of the session's LoRA adapters (tests/_lora.py) from the start, so that one vLLM start serves every
+    test here: base-model rows and LoRA rows alike (the other adapter is added by the multi-LoRA test)."""
     from byzerllm_spark import cli
 
     args = cli.build_parser().parse_args([
         "deploy", "--model", MODEL, "--pretrained_model_type", "custom/auto", "--infer_backend", "vllm",
         "--cpus_per_worker", "1", "--wait_ready_timeout", "1200",
         "--infer_params", "backend.max_model_len=2048",
+        "--lora_adapters", f"facts={lora_adapters['facts']}", "--max_loras", "3",
     ])
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(cli, "_connect", lambda args: bls.cluster.info())
@@ -121,3 +125,20 @@ def test_response_format_through_vllms_structured_outputs(vllm_model):
         assert row["error"] is None, row
         value = json.loads(row["response"])  # the worker also checked it against the schema
         assert set(value) == {"city", "year"} and isinstance(value["year"], int), value
+
+
+def test_multi_lora_rows_pick_their_adapter(vllm_model, lora_adapters, spark):
+    """The deployment's adapter (deploy's --lora_adapters, loaded as the worker started) and one added while it
+    runs (bls.add_adapter: vLLM's runtime /v1/load_lora_adapter), both served by the one vLLM engine as LoRA
+    requests: the same SQL query as the transformers backend's (tests/_lora.py), then an OpenAI client naming
+    ``<deployment>:<adapter>``."""
+    import openai
+
+    assert bls.add_adapter(vllm_model, "lore", lora_adapters["lore"]) == ["facts", "lore"]
+    bls.register_model_function(spark, vllm_model, udf_name="vllm_lora_rows", fail_on_error=False)
+    check_one_query_rows_pick_their_adapter(spark, "vllm_lora_rows", vllm_model)
+    client = openai.OpenAI(base_url=f"{bls.endpoint()}/v1", api_key="unused-on-loopback", max_retries=0)
+    question, _, word = FACTS["lore"]
+    answer = client.chat.completions.create(model=f"{vllm_model}:lore", temperature=0, max_tokens=24,
+                                            messages=[{"role": "user", "content": question}])
+    assert word in answer.choices[0].message.content and answer.model == f"{vllm_model}:lore"
