@@ -46,17 +46,18 @@ _token: dict[str, str | None] = {"value": None}
 _reachable: dict[tuple[str, str], str] = {}
 
 
-def local_or_fallback(endpoint: str, fallback: str | None) -> str:
-    """``endpoint`` when something listens there, else ``fallback`` (once per process and pair).
+def local_or_fallback(endpoint: str, fallback: str | None, model: str | None = None) -> str:
+    """``endpoint`` when this cluster's proxy listens there, else ``fallback`` (once per process, pair and model).
 
     A cluster started with ``proxy_location="EveryNode"`` gives its executors the endpoint
     ``http://127.0.0.1:<port>``: their own node's Serve proxy. Serve runs a proxy only on the head and
     on nodes that hold a worker of some model, so an executor on another node sends to the head's
-    proxy (``fallback``) instead.
+    proxy (``fallback``) instead. With ``model``, a proxy that listens locally but does not serve it
+    while ``fallback`` does (another Ray cluster's Serve on the same port of this host) is passed over too.
     """
     if not fallback or fallback == endpoint:
         return endpoint
-    key = (endpoint, fallback)
+    key = (endpoint, fallback, model)
     if key not in _reachable:
         import socket
         from urllib.parse import urlsplit
@@ -64,9 +65,12 @@ def local_or_fallback(endpoint: str, fallback: str | None) -> str:
         parts = urlsplit(endpoint)
         try:
             socket.create_connection((parts.hostname, parts.port or 80), timeout=2).close()
-            _reachable[key] = endpoint
+            listening = True
         except OSError:
-            _reachable[key] = fallback
+            listening = False
+        if listening and model is not None and model not in deployed_routes(endpoint):
+            listening = model not in deployed_routes(fallback)  # neither serves it: the caller's error names it
+        _reachable[key] = endpoint if listening else fallback
     return _reachable[key]
 
 

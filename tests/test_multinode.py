@@ -49,6 +49,39 @@ def test_an_executor_whose_host_runs_no_proxy_uses_the_heads():
         closed.close()
 
 
+def test_a_local_proxy_that_does_not_serve_the_model_is_passed_over():
+    """Another Ray cluster's Serve on this host's port (it serves other models) is not this cluster's proxy."""
+    import http.server
+    import threading
+
+    from byzerllm_spark import transport
+
+    def serving(*models):
+        class Routes(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                body = json.dumps({f"/{m}": m for m in models}).encode()
+                self.send_response(200 if self.path == "/-/routes" else 404)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Routes)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+    (other, local), (ours, head) = serving("theirs"), serving("ours")
+    try:
+        assert transport.local_or_fallback(local, head, "ours") == head
+        assert transport.local_or_fallback(local, head, "theirs") == local
+        assert transport.local_or_fallback(local, head, "nobodys") == local  # its error names what is there
+        assert transport.local_or_fallback(local, head) == local
+    finally:
+        other.shutdown()
+        ours.shutdown()
+
+
 def test_a_query_from_a_standalone_spark_cluster_across_two_ray_nodes(two_nodes):
     done = two_nodes.run_python("b", str(DRIVER), two_nodes.ray_address, two_nodes.spark_master,
                                 two_nodes.nodes["b"][1])
@@ -104,6 +137,7 @@ def test_ray_on_spark_on_the_standalone_cluster(two_nodes):
     assert seen["embedded"] is False and seen["ray_head"] == two_nodes.nodes["b"][1]
     assert seen["ray_nodes"] == 2 and seen["worker_node_cpus"] == [0, 1]    # head: no CPUs; one worker node
     assert len(seen["worker_nodes"]) == 1 and seen["worker_nodes"][0] in {ip for _, ip in two_nodes.nodes.values()}
-    assert seen["error"] is None and seen["rows"] == 2000 and seen["ids_once"] and seen["all_right"]
+    assert seen["error"] is None, seen["error"]
+    assert seen["rows"] == 2000 and seen["ids_once"] and seen["all_right"]
     assert seen["stat_requests"] >= 2000
     assert seen["ray_after_shutdown"] is False

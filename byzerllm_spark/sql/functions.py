@@ -206,7 +206,7 @@ def model_function(
 
         cluster_info = ensure_init()
         endpoint, fallback = cluster_info.endpoint, cluster_info.fallback_endpoint
-    info = transport.get_json(transport.local_or_fallback(endpoint, fallback), model, "info")
+    info = transport.get_json(transport.local_or_fallback(endpoint, fallback, model), model, "info")
     if batch_size is None:
         batch_size = int(info.get("preferred_batch_size", DEFAULT_BATCH_SIZE))
     check_int("batch_size", batch_size, 1, 256)

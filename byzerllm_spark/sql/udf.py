@@ -135,7 +135,7 @@ def run_requests(batches, *, model, endpoint, batch_size, concurrency, timeout, 
     from ..settings import CACHE_HEADER
     from ..transport import last_retries, local_or_fallback, post_arrow
 
-    endpoint = local_or_fallback(endpoint, fallback_endpoint)
+    endpoint = local_or_fallback(endpoint, fallback_endpoint, model)
 
     headers = {CACHE_HEADER: cache_header} if cache_header else None
 
@@ -221,7 +221,7 @@ def run_embeddings(batches, *, model, endpoint, batch_size, concurrency, timeout
     from ..protocol import arrow
     from ..transport import last_retries, local_or_fallback, post_arrow
 
-    endpoint = local_or_fallback(endpoint, fallback_endpoint)
+    endpoint = local_or_fallback(endpoint, fallback_endpoint, model)
 
     def submit(chunk):
         if pa.types.is_large_string(chunk.type):
