@@ -61,6 +61,7 @@ def models(cluster):
 
     bls.deploy(ECHO, pretrained_model_type="custom/echo", num_workers=2, cpus_per_worker=0.1)
     bls.deploy("jb_chat", cpus_per_worker=0.5)  # the embedded SmolLM2
+    bls.deploy("jb_minilm", infer_backend="embedding", cpus_per_worker=0.5)  # the shipped all-MiniLM-L6-v2
     # A secured model: replicas read the token's digest when they start (byzerllm_spark.auth), so only
     # this one requires it; the cluster is open again for the rest of the session.
     from byzerllm_spark import auth, transport
@@ -74,7 +75,7 @@ def models(cluster):
         transport.set_auth_token(None)
     yield bls.endpoint()
     transport.set_auth_token(TOKEN)
-    for name in (ECHO, "jb_chat", "jb_late", "jb_kill", "jb_secure"):
+    for name in (ECHO, "jb_chat", "jb_minilm", "jb_late", "jb_kill", "jb_secure"):
         if bls.exists(name):
             bls.undeploy(name)
 
@@ -185,6 +186,9 @@ SELECT '### where';
 SELECT count(*) FROM range(0, 1000, 1, 2) WHERE {ECHO}(llm_param(map('instruction', CAST(id AS STRING)))) LIKE '%7';
 SELECT '### count';
 SELECT count({ECHO}(llm_param(map('instruction', s)))) FROM (SELECT CAST(id AS STRING) AS s FROM range(50000));
+SELECT '### embed';
+SELECT id, jb_minilm(CASE WHEN id = 1 THEN NULL ELSE concat('A cat sits on mat ', id) END) FROM range(0, 3, 1, 1) ORDER BY id;
+SELECT typeof(jb_minilm('x')), llm_call('jb_minilm', llm_param(map('instruction', 'A cat sits on mat 0'))) = jb_minilm('A cat sits on mat 0');
 SELECT '### plan';
 EXPLAIN SELECT {ECHO}(llm_param(map('instruction', CAST(id AS STRING)))) FROM range(10);
 SET spark.byzerllm.authToken={TOKEN};
@@ -233,6 +237,14 @@ def test_spark_sql_file_same_answers_as_pyspark(models, bridge_jar, workdir, spa
     assert out["generic"] == ["plain text\tx"]
     assert out["where"] == [str(sum(1 for i in range(1000) if str(i).endswith("7")))]
     assert out["count"] == ["50000"]
+    # Embeddings: array<float>, the vectors the Python side gets for the same texts; a null row is null.
+    emb = [line.split("\t") for line in out["embed"][:3]]
+    assert [i for i, _ in emb] == ["0", "1", "2"] and emb[1][1] == "NULL"
+    expected = bls.embed("jb_minilm", ["A cat sits on mat 0", "A cat sits on mat 2"])
+    for (_, text), vector in zip([emb[0], emb[2]], expected):
+        got = [float(x) for x in text.strip("[]").split(",")]
+        assert len(got) == 384 and got == pytest.approx(vector, abs=1e-6)
+    assert out["embed"][3] == "array<float>\ttrue"  # llm_call on an embedding model embeds too
     plan = "\n".join(out["plan"])
     assert "BatchLLMExec" in plan  # batched by the bridge's operator, not called row by row
     assert out["secure"] == ["with the token"]

@@ -66,10 +66,17 @@ object Functions {
       s"$name: fail_on_error must be a literal true or false, got ${e.sql}")
   }
 
-  def modelFunction(model: String)(args: Seq[Expression]): Expression = {
+  def modelFunction(model: String, embedding: Boolean)(args: Seq[Expression]): Expression = {
     arity(model, args, 1 to 2)
-    LLMCall(model, args.head, failOnError(model, args.lift(1)))
+    LLMCall(model, args.head, failOnError(model, args.lift(1)), embedding)
   }
+
+  /** The model's info (`GET {endpoint}/{model}/info`), None when the endpoint does not answer. */
+  private def modelInfo(s: BridgeSettings, model: String): Option[java.util.Map[String, AnyRef]] =
+    try Some(Transport.getJson(s, model, "info")) catch { case NonFatal(_) => None }
+
+  private def isEmbedding(info: Option[java.util.Map[String, AnyRef]]): Boolean =
+    info.flatMap(i => Option(i.get("embedding"))).exists(_.toString.toBoolean)
 
   val fixed: Seq[Entry] = Seq(
     entry("llm_param", "llm_param(map) - the request as JSON text, as the PySpark side's llm_param") { args =>
@@ -96,7 +103,9 @@ object Functions {
         case e if e.foldable && e.dataType == StringType && e.eval() != null => e.eval().toString
         case e => throw new IllegalArgumentException(s"llm_call: the model name must be a string literal, got ${e.sql}")
       }
-      LLMCall(model, args(1), failOnError("llm_call", args.lift(2)))
+      // An embedding model is called on its embed route: its info says which (an unknown model is
+      // refused when the query is planned, naming the deployed ones).
+      LLMCall(model, args(1), failOnError("llm_call", args.lift(2)), isEmbedding(modelInfo(sessionSettings(), model)))
     },
     entry("byzerllm_refresh", "byzerllm_refresh() - read the deployed models again; their SQL function names") { args =>
       arity("byzerllm_refresh", args, 0 to 0)
@@ -104,16 +113,17 @@ object Functions {
     }
   )
 
-  /** (SQL function name, model) of each deployed model: its `udf_name` when its info gives one. */
-  def deployed(s: BridgeSettings): Seq[(String, String)] = Transport.deployedModels(s).map { model =>
-    val name = try Option(Transport.getJson(s, model, "info").get("udf_name")).map(_.toString) catch {
-      case NonFatal(_) => None
-    }
-    name.filter(_.nonEmpty).getOrElse(model) -> model
+  /** (SQL function name, model, computes embeddings) of each deployed model: its `udf_name` when its info
+   *  gives one. */
+  def deployed(s: BridgeSettings): Seq[(String, String, Boolean)] = Transport.deployedModels(s).map { model =>
+    val info = modelInfo(s, model)
+    val name = info.flatMap(i => Option(i.get("udf_name"))).map(_.toString)
+    (name.filter(_.nonEmpty).getOrElse(model), model, isEmbedding(info))
   }
 
-  private def modelEntry(name: String, model: String): Entry =
-    entry(name, s"$name(params [, fail_on_error]) - call the deployed model '$model'")(modelFunction(model))
+  private def modelEntry(name: String, model: String, embedding: Boolean): Entry =
+    entry(name, s"$name(params [, fail_on_error]) - call the deployed model '$model'" +
+      (if (embedding) " (its embeddings, array<float>)" else ""))(modelFunction(model, embedding))
 
   /** Read when the extension is applied (each new SparkSession): the settings of the SparkContext. */
   def modelsAtStart(): Seq[Entry] = {
@@ -125,14 +135,14 @@ object Functions {
         Nil
     }
     val builtin = fixed.map(_._1.funcName).toSet
-    found.filterNot(f => builtin.contains(f._1)).map { case (name, model) => modelEntry(name, model) }
+    found.filterNot(f => builtin.contains(f._1)).map { case (name, model, embedding) => modelEntry(name, model, embedding) }
   }
 
   /** Registers the deployed models' functions in the current session; their names. */
   def refresh(): Seq[String] = {
     val registry = org.apache.spark.sql.classic.SparkSession.active.sessionState.functionRegistry
-    deployed(sessionSettings()).map { case (name, model) =>
-      val (id, exprInfo, builder) = modelEntry(name, model)
+    deployed(sessionSettings()).map { case (name, model, embedding) =>
+      val (id, exprInfo, builder) = modelEntry(name, model, embedding)
       registry.createOrReplaceTempFunction(name, builder, "scala_udf")
       name
     }

@@ -20,15 +20,20 @@ object Types {
   /** `fail_on_error=false`: the same struct as the Python side's `RESULT_TYPE_DDL`. */
   val Result: StructType = StructType(Seq(
     StructField("response", StringType), StructField("error", StringType), StructField("metadata", Metadata)))
+  /** An embedding model's answer: the Python side's `EMBEDDING_TYPE_DDL`, `array<float>`. */
+  val Embedding: DataType = ArrayType(FloatType, containsNull = true)
 }
 
-/** A call of a deployed model on one row's request JSON. It is never evaluated row by row: the optimizer
- *  rule [[ExtractLLMCalls]] moves it into a [[BatchLLM]] node, which runs it over Arrow batches
- *  (as Spark's `ExtractPythonUDFs` moves Python UDFs into `ArrowEvalPythonExec`). */
-case class LLMCall(model: String, params: Expression, failOnError: Boolean)
+/** A call of a deployed model on one row's request JSON (or text). It is never evaluated row by row: the
+ *  optimizer rule [[ExtractLLMCalls]] moves it into a [[BatchLLM]] node, which runs it over Arrow batches
+ *  (as Spark's `ExtractPythonUDFs` moves Python UDFs into `ArrowEvalPythonExec`). `embedding`: the model
+ *  computes embeddings (its info says so): the rows go to `POST {endpoint}/{model}/embed` and the answer is
+ *  `array<float>` (a row the model could not embed is null with `fail_on_error` false). */
+case class LLMCall(model: String, params: Expression, failOnError: Boolean, embedding: Boolean = false)
     extends UnaryExpression with Unevaluable with NonSQLExpression {
   override def child: Expression = params
-  override def dataType: DataType = if (failOnError) StringType else Types.Result
+  override def dataType: DataType =
+    if (embedding) Types.Embedding else if (failOnError) StringType else Types.Result
   override def nullable: Boolean = true
   override def prettyName: String = model
   override def toString: String = s"$model($params${if (failOnError) "" else ", fail_on_error=false"})"
@@ -173,7 +178,9 @@ private[spark] class BatchIterator(
         val p = paramsOf(row)
         var c = 0
         while (c < calls.size) {
-          params(c)(k) = if (p.isNullAt(c)) null else ArrowCodec.asRequestJson(p.getUTF8String(c).getBytes)
+          params(c)(k) = if (p.isNullAt(c)) null
+            else if (calls(c).embedding) p.getUTF8String(c).getBytes // text or request JSON, as the Python side
+            else ArrowCodec.asRequestJson(p.getUTF8String(c).getBytes)
           c += 1
         }
         k += 1
@@ -188,7 +195,22 @@ private[spark] class BatchIterator(
     }
   }
 
-  private def answer(call: LLMCall, params: Array[Array[Byte]], size: Int): Array[Any] = {
+  private def answer(call: LLMCall, params: Array[Array[Byte]], size: Int): Array[Any] =
+    if (call.embedding) embed(call, params, size) else chat(call, params, size)
+
+  /** As the Python side's `run_embeddings`: a failed request fails the query; a row's error fails it too
+   *  unless `fail_on_error` is false, which leaves that row null. */
+  private def embed(call: LLMCall, params: Array[Array[Byte]], size: Int): Array[Any] = {
+    val (vectors, errors) = ArrowCodec.decodeEmbeddings(
+      Transport.postArrow(settings, call.model, ArrowCodec.encode(params, size), "embed"), size)
+    if (call.failOnError) errors.find(_ != null).foreach { e =>
+      throw new SparkException(s"model '${call.model}' could not embed a row ($e). Call it with fail_on_error " +
+        "false (its second argument) to get null for such rows instead of failing the query.")
+    }
+    vectors.asInstanceOf[Array[Any]]
+  }
+
+  private def chat(call: LLMCall, params: Array[Array[Byte]], size: Int): Array[Any] = {
     val body = ArrowCodec.encode(params, size)
     val result = new Array[Any](size)
     val answers = try ArrowCodec.decode(Transport.postArrow(settings, call.model, body), size, !call.failOnError) catch {

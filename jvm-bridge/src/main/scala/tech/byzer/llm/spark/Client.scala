@@ -11,11 +11,12 @@ import scala.jdk.CollectionConverters._
 
 import com.fasterxml.jackson.databind.ObjectMapper
 import org.apache.arrow.memory.{BufferAllocator, RootAllocator}
-import org.apache.arrow.vector.{VarCharVector, VectorSchemaRoot}
-import org.apache.arrow.vector.complex.{MapVector, StructVector}
+import org.apache.arrow.vector.{Float4Vector, VarCharVector, VectorSchemaRoot}
+import org.apache.arrow.vector.complex.{ListVector, MapVector, StructVector}
 import org.apache.arrow.vector.ipc.{ArrowStreamReader, ArrowStreamWriter}
 
-import org.apache.spark.sql.catalyst.util.{ArrayBasedMapData, GenericArrayData, MapData}
+import org.apache.spark.sql.catalyst.expressions.UnsafeArrayData
+import org.apache.spark.sql.catalyst.util.{ArrayBasedMapData, ArrayData, GenericArrayData, MapData}
 import org.apache.spark.unsafe.types.UTF8String
 
 /** Where and how the bridge calls the models: read once on the driver (from the session's
@@ -253,6 +254,45 @@ object ArrowCodec {
       } finally reader.close()
     } finally alloc.close()
     new Answers(response, error, metadata)
+  }
+
+  /** The answer of `POST {endpoint}/{model}/embed` (columns `embedding` list<float32>, `error` string):
+   *  each row's vector (null where the row was null or not embedded) and error text. */
+  def decodeEmbeddings(body: Array[Byte], expected: Int): (Array[ArrayData], Array[String]) = {
+    val vectors = new Array[ArrayData](expected)
+    val errors = new Array[String](expected)
+    val alloc = allocator.newChildAllocator("byzerllm-decode-embed", 0, Long.MaxValue)
+    try {
+      val reader = new ArrowStreamReader(new ByteArrayInputStream(body), alloc)
+      try {
+        val root = reader.getVectorSchemaRoot
+        var row = 0
+        while (reader.loadNextBatch()) {
+          val n = root.getRowCount
+          if (row + n > expected) throw new BridgeRequestException(
+            s"the endpoint answered more rows than the $expected sent")
+          val list = root.getVector("embedding").asInstanceOf[ListVector]
+          val values = list.getDataVector.asInstanceOf[Float4Vector]
+          val e = root.getVector("error").asInstanceOf[VarCharVector]
+          var i = 0
+          while (i < n) {
+            if (!list.isNull(i)) {
+              val start = list.getElementStartIndex(i)
+              val floats = new Array[Float](list.getElementEndIndex(i) - start)
+              var j = 0
+              while (j < floats.length) { floats(j) = values.get(start + j); j += 1 }
+              vectors(row + i) = UnsafeArrayData.fromPrimitiveArray(floats)
+            }
+            if (!e.isNull(i)) errors(row + i) = new String(e.get(i), java.nio.charset.StandardCharsets.UTF_8)
+            i += 1
+          }
+          row += n
+        }
+        if (row != expected) throw new BridgeRequestException(
+          s"the endpoint answered $row rows for the $expected sent")
+      } finally reader.close()
+    } finally alloc.close()
+    (vectors, errors)
   }
 
   /** A row that is plain text, not a JSON object, is sent as `{"instruction": text}` (as the Python side). */
