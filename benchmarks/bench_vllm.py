@@ -10,6 +10,10 @@ prompts before it is timed; the offline side times the ``chat`` call alone, the 
 * vllm: SQL answers/s vs offline ``LLM.chat`` answers/s (target: ratio >= 0.9);
 * vllm: ``bls.chat_batch`` answers/s (the rows as one request, no Spark) vs offline: the serving path's
   own cost, apart from Spark's executors on the same CPUs;
+* vllm: where the CPU goes (printed, not a figure): CPU seconds per part during the SQL query (vLLM's engine
+  core, its API server, the Serve worker, Serve's proxy, Spark's JVM and Python workers, the rest of Ray
+  and this driver) against the offline run's (its front end and engine core). On a 2-core machine every
+  CPU second the serving path spends is one the engine does not get;
 * transformers and llama_cpp: SQL answers/s on the same prompts, each against the vLLM offline figure
   (the table of the README's vLLM section).
 
@@ -22,6 +26,8 @@ Usage::
     .venv/bin/python benchmarks/bench_vllm.py                   # 256 prompts, max_length 32
     .venv/bin/python benchmarks/bench_vllm.py --engines vllm    # the vLLM ratio alone
     .venv/bin/python benchmarks/bench_vllm.py --engines vllm --engine-args optimization_level=0
+    .venv/bin/python benchmarks/bench_vllm.py --engines vllm --deploy-engine-args max_num_seqs=128 \
+        max_num_batched_tokens=2048                              # the deployment at vLLM's API-server sizes
     .venv/bin/python benchmarks/bench_vllm.py --smoke           # 8 prompts: every figure finite and > 0
 """
 
@@ -49,7 +55,8 @@ QUESTIONS = ["What is the capital of {}?", "Name a famous food from {}.", "What 
              "Name an animal that lives in {}.", "What is the population of {} roughly?",
              "Name a city in {} other than the capital."]
 #: The deployment's and the offline engine's arguments: the backend's CPU defaults, written out.
-ENGINE_ARGS = {"max_model_len": 2048, "dtype": "float32", "gpu_memory_utilization": 0.1, "optimization_level": 0}
+ENGINE_ARGS = {"max_model_len": 2048, "dtype": "float32", "gpu_memory_utilization": 0.1, "optimization_level": 0,
+               "max_num_seqs": 256, "max_num_batched_tokens": 4096}
 
 
 def prompts(n: int) -> list[str]:
@@ -72,8 +79,51 @@ def offline(texts: list[str], max_length: int, top_p: float, engine_args: dict) 
     return json.loads(lines[-1][len("RESULT "):])
 
 
+def _part(proc) -> str:
+    """Which part of the serving path a process of this machine is (by its command line)."""
+    try:
+        cmd = " ".join(proc.cmdline())
+    except Exception:
+        return "gone"
+    if "EngineCore" in cmd or "EngineCore" in proc.name():
+        return "vLLM engine core (scheduler)"
+    if "VLLM" in cmd or "VLLM" in proc.name() or "spawn_main" in cmd:
+        return "vLLM model worker (forward passes)"
+    for mark, part in (("_vllm_server.py", "vLLM API server"), ("ServeReplica", "Serve worker (replica)"),
+                       ("ProxyActor", "Serve proxy"), ("pyspark", "Spark Python workers"), ("java", "Spark JVM")):
+        if mark in cmd:
+            return part
+    return "Ray, this driver, the rest"
+
+
+def cpu_by_part() -> dict[str, float]:
+    """CPU seconds (user + system) so far of this driver and every process under it (Ray's, the Serve worker
+    and its vLLM server with its engine core, Spark's), summed per part of the path (see :func:`_part`)."""
+    import psutil
+
+    me = psutil.Process()
+    out: dict[str, float] = {}
+    for proc in [me, *me.children(recursive=True)]:
+        try:
+            seconds = sum(proc.cpu_times()[:2])
+        except psutil.Error:
+            continue
+        part = _part(proc) if proc is not me else "Ray, this driver, the rest"
+        out[part] = out.get(part, 0.0) + seconds
+    return out
+
+
+def print_cpu(title: str, before: dict[str, float], after: dict[str, float], answers: int) -> None:
+    spent = {part: after[part] - before.get(part, 0.0) for part in after}
+    total = sum(spent.values())
+    print(f"  CPU seconds, {title}: {total:.1f} in all ({total / answers * 1000:.0f} ms an answer): " + ", ".join(
+        f"{part} {seconds:.1f}" for part, seconds in sorted(spent.items(), key=lambda kv: -kv[1]) if seconds >= 0.05),
+        flush=True)
+
+
 def sql_answers_per_s(spark, model: str, texts: list[str], max_length: int) -> float:
-    """Answers/s of one SQL query over ``texts`` (every row answered, or the bench fails)."""
+    """Answers/s of one SQL query over ``texts`` (every row answered, or the bench fails); prints the CPU seconds
+    each part of the path spent in it."""
     import byzerllm_spark as bls
 
     udf = f"{model}_fn"
@@ -83,9 +133,11 @@ def sql_answers_per_s(spark, model: str, texts: list[str], max_length: int) -> f
     query = (f"SELECT id, {udf}(llm_param(map('instruction', q, 'temperature', '0', 'max_length', "
              f"'{max_length}'))) AS r FROM bench_vllm_prompts")
     spark.sql(query.replace("bench_vllm_prompts", "(SELECT * FROM bench_vllm_prompts LIMIT 2)")).collect()  # warm
+    cpu_before = cpu_by_part()
     start = time.perf_counter()
     rows = spark.sql(query).collect()
     seconds = time.perf_counter() - start
+    print_cpu(f"SQL on {model}", cpu_before, cpu_by_part(), len(texts))
     failed = [r.r.error for r in rows if r.r is None or r.r.error or not r.r.response]
     if len(rows) != len(texts) or failed:
         raise SystemExit(f"{model}: {len(failed)} of {len(texts)} rows failed, e.g. {failed[:1]}")
@@ -106,6 +158,14 @@ def direct_answers_per_s(model: str, texts: list[str], max_length: int) -> float
     return len(rows) / seconds
 
 
+def _with(engine_args: dict, items: list[str]) -> dict:
+    """``engine_args`` with each ``NAME=VALUE`` of ``items`` over it (digits as ints)."""
+    for item in items:
+        name, _, value = item.partition("=")
+        engine_args[name] = int(value) if value.isdigit() else value
+    return engine_args
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--engines", default="vllm,transformers,llama_cpp")
@@ -113,6 +173,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-length", type=int, default=32)
     parser.add_argument("--engine-args", nargs="*", default=[], metavar="NAME=VALUE",
                         help="vLLM engine arguments over ENGINE_ARGS, for both sides (e.g. optimization_level=0)")
+    parser.add_argument("--deploy-engine-args", nargs="*", default=[], metavar="NAME=VALUE",
+                        help="vLLM engine arguments for the deployment alone (e.g. max_num_seqs=128: vLLM's API "
+                             "server's CPU default, against the offline engine's 256)")
     add_smoke_flag(parser)
     args = parser.parse_args(argv)
     if args.smoke:
@@ -125,20 +188,19 @@ def run(args: argparse.Namespace, spark=None) -> None:
 
     texts = prompts(args.prompts)
     spark = spark or spark_session("bench-vllm")
-    engine_args = dict(ENGINE_ARGS)
-    for item in args.engine_args:
-        name, _, value = item.partition("=")
-        engine_args[name] = int(value) if value.isdigit() else value
+    engine_args = _with(dict(ENGINE_ARGS), args.engine_args)
     base = offline(texts, args.max_length, DEFAULT_TOP_P, engine_args)
     base_rate = len(texts) / base["seconds"]
     size = f"{len(texts)} prompts, max_length {args.max_length}, temperature 0" + "".join(
-        f", {item}" for item in args.engine_args)
+        f", {item}" for item in args.engine_args) + "".join(f", deployment's {item}" for item in args.deploy_engine_args)
     print(f"  vLLM offline LLM.chat: {base_rate:.2f} answers/s ({base['completion_tokens']} completion tokens "
           f"in {base['seconds']:.1f} s)", flush=True)
+    print_cpu("vLLM offline LLM.chat", {}, base["cpu_seconds"], len(texts))
     for engine in args.engines.split(","):
         kwargs = {"infer_backend": engine, "num_workers": 1, "cpus_per_worker": 1, "wait_ready_timeout": 1200}
         if engine == "vllm":
-            kwargs["infer_params"] = {f"backend.{k}": str(v) for k, v in engine_args.items()}
+            deploy_args = _with(dict(engine_args), args.deploy_engine_args)
+            kwargs["infer_params"] = {f"backend.{k}": str(v) for k, v in deploy_args.items()}
         with deployment(f"bench_vllm_{engine}", **kwargs) as name:
             rate = sql_answers_per_s(spark, name, texts, args.max_length)
             direct = direct_answers_per_s(name, texts, args.max_length) if engine == "vllm" else None

@@ -61,6 +61,10 @@ DEFAULT_WORKER_CONCURRENCY = 64
 #: How long a worker waits for its vLLM server to answer ``/health``: its imports alone took 1-2 minutes on
 #: the loaded 2-core machine here, and a GPU worker (or ``backend.optimization_level`` > 0) also compiles.
 START_TIMEOUT_S = float(os.environ.get("BYZERLLM_VLLM_START_TIMEOUT", "900"))
+#: Seconds an idle loopback connection to the worker's vLLM server is kept: by the worker's client, and by
+#: the server (``VLLM_HTTP_TIMEOUT_KEEP_ALIVE``, 5 s by default, as httpx's own expiry), which must keep it longer.
+_KEEPALIVE_S = 30.0
+_SERVER_KEEPALIVE_S = 300
 _SERVER_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_vllm_server.py")
 #: Engine arguments the worker sets itself.
 _OWN_ARGS = frozenset({"model", "served_model_name"})
@@ -261,6 +265,10 @@ class VllmBackend(Backend):
         env.pop("PYTHONPATH", None)  # Ray's worker path points into the main environment
         # Runtime LoRA loading (bls.add_adapter and deploy(lora_adapters=)): vLLM's /v1/load_lora_adapter.
         env.setdefault("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "True")
+        # Idle keep-alive connections: the server's expiry must outlast the client's (_KEEPALIVE_S), else a
+        # request sent on a connection at the moment the server closes it fails with httpx's ReadError (both
+        # were 5 s when bench_vllm's bls.chat_batch, sent seconds after its SQL query, failed with ReadError).
+        env.setdefault("VLLM_HTTP_TIMEOUT_KEEP_ALIVE", str(_SERVER_KEEPALIVE_S))
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [self.python, _SERVER_SCRIPT, json.dumps(spec)], stdin=subprocess.PIPE, stdout=self._log,
@@ -308,7 +316,8 @@ class VllmBackend(Backend):
 
             self._client = httpx.AsyncClient(
                 base_url=self.base_url, timeout=httpx.Timeout(None, connect=10.0),
-                limits=httpx.Limits(max_connections=None, max_keepalive_connections=512))
+                limits=httpx.Limits(max_connections=None, max_keepalive_connections=512,
+                                    keepalive_expiry=_KEEPALIVE_S))
         return self._client
 
     # ---- requests -----------------------------------------------------------------------
