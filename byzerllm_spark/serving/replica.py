@@ -535,15 +535,11 @@ class ModelWorker:
     async def _arrow_http(self, request):
         from starlette.responses import PlainTextResponse, Response
 
-        body = await _read_body(request)
-        if not isinstance(body, bytes):
-            return body
+        rows = await _request_rows(request)
+        if not isinstance(rows, list):
+            return rows
         try:
-            column = arrow.decode_params(body)
-        except ValueError as exc:
-            return PlainTextResponse(str(exc), status_code=400)
-        try:
-            results = await self.run_batch(column.to_pylist(), request.headers.get(CACHE_HEADER))
+            results = await self.run_batch(rows, request.headers.get(CACHE_HEADER))
         except ConfigError as exc:  # a malformed cache header
             return PlainTextResponse(str(exc), status_code=400)
         responses = [None if r is None else r.response for r in results]
@@ -583,18 +579,13 @@ class ModelWorker:
     async def _embed_http(self, request):
         from starlette.responses import PlainTextResponse, Response
 
-        body = await _read_body(request)
-        if not isinstance(body, bytes):
-            return body
-        try:
-            column = arrow.decode_params(body)
-        except ValueError as exc:
-            return PlainTextResponse(str(exc), status_code=400)
+        rows = await _request_rows(request)
+        if not isinstance(rows, list):
+            return rows
         if not self.backend.supports_embedding:
             return PlainTextResponse(
                 f"model {self.config.model!r} ({self.backend.name}) does not compute embeddings", status_code=400
             )
-        rows = column.to_pylist()
         texts, idx = _row_texts(rows)
         errors: list = [None] * len(rows)
         vectors: list = [None] * len(rows)
@@ -611,16 +602,11 @@ class ModelWorker:
     async def _tokenize_http(self, request):
         """Token counts of the rows' texts with the model's own tokenizer, generating nothing: no worker slot
         is taken, so a count never waits behind the answers being generated."""
-        from starlette.responses import PlainTextResponse, Response
+        from starlette.responses import Response
 
-        body = await _read_body(request)
-        if not isinstance(body, bytes):
-            return body
-        try:
-            column = arrow.decode_params(body)
-        except ValueError as exc:
-            return PlainTextResponse(str(exc), status_code=400)
-        rows = column.to_pylist()
+        rows = await _request_rows(request)
+        if not isinstance(rows, list):
+            return rows
         texts, idx = _row_texts(rows)
         counts: list = [None] * len(rows)
         errors: list = [None] * len(rows)
@@ -689,6 +675,20 @@ async def _read_body(request):
     except ClientDisconnect:
         return PlainTextResponse("the client went away before its body arrived", status_code=400)
     return b"".join(chunks)
+
+
+async def _request_rows(request):
+    """The ``params`` column of an Arrow request body as a list (one value per row, None for a null),
+    or the error answer: :func:`_read_body`'s, or 400 for a body that is not such an Arrow stream."""
+    from starlette.responses import PlainTextResponse
+
+    body = await _read_body(request)
+    if not isinstance(body, bytes):
+        return body
+    try:
+        return arrow.decode_params(body).to_pylist()
+    except ValueError as exc:
+        return PlainTextResponse(str(exc), status_code=400)
 
 
 def _adapter_dir(path: str, cache_dir: str | None) -> str:
