@@ -136,6 +136,11 @@ def _conf(endpoint: str, workdir: Path, jar: Path, extra: dict | None = None) ->
     return args
 
 
+#: For the spark-sql runs that read no tables: no Hive metastore (Derby's start was 25 of a shell's 35 s at
+#: load 20). The main file test and the Thrift server keep Spark's default Hive catalog, as users run them.
+IN_MEMORY = {"spark.sql.catalogImplementation": "in-memory"}
+
+
 def _env() -> dict:
     return {k: v for k, v in os.environ.items() if not k.startswith(("PYSPARK_", "SPARK_"))}
 
@@ -255,7 +260,7 @@ def test_errors_say_what_to_fix(models, bridge_jar, workdir):
     result = spark_sql(models, workdir, bridge_jar,
                        "SELECT llm_call('jb_nope', llm_param(map('instruction', 'x')));\n"
                        "SELECT jb_secure(llm_param(map('instruction', 'no token')));\n"
-                       "SELECT '### after';\n",
+                       "SELECT '### after';\n", extra=IN_MEMORY,
                        args=("--hiveconf", "hive.cli.errors.ignore=true"))
     assert "model 'jb_nope' is not deployed" in result.stderr and ECHO in result.stderr
     # The secured endpoint without a token: the error names the setting to give.
@@ -353,7 +358,7 @@ def test_worker_killed_mid_query_every_row_answered_once(models, bridge_jar, wor
     with open(out, "w") as handle, open(workdir / "kill.err", "w") as err:
         proc = procs.popen([str(_pyspark_home() / "bin" / "spark-sql"),
                             *_conf(models, workdir, bridge_jar, {"spark.byzerllm.batchSize": "200",
-                                                                  "spark.byzerllm.concurrency": "2"}),
+                                                                  "spark.byzerllm.concurrency": "2", **IN_MEMORY}),
                             "-S", "-f", str(script)], cwd=workdir, env=_env(), stdout=handle, stderr=err)
     deadline = time.monotonic() + 400  # a JVM to start, on two shared cores
     while sum(bls.stat(name)["total_requests"]) < 2000:
