@@ -97,6 +97,7 @@ class SparkSqlShell:
         self.taken: list[float] = []
         self.log: list[str] = []
         self.count = 0
+        self.timed = 0  # "Time taken" lines of the statements answered so far (each query and its marker)
         threading.Thread(target=self._read_out, daemon=True).start()
         threading.Thread(target=self._read_err, daemon=True).start()
         self.query("SELECT 1", timeout=600)  # started: the JVM's start is not in the first query's CPU
@@ -120,7 +121,7 @@ class SparkSqlShell:
         # A marker query after each one: its answer on stdout says the query before it is done, failed or not.
         self.count += 1
         marker = f"bench-done-{self.count}"
-        before = len(self.taken)
+        before = self.timed
         self.proc.stdin.write(f"{text};\nSELECT '{marker}';\n")
         self.proc.stdin.flush()
         out: list[str] = []
@@ -140,8 +141,13 @@ class SparkSqlShell:
         out = out[:-1] if out and out[-1].startswith("spark-sql") else out
         ends = [i for i, line in enumerate(out) if line.endswith(";")]
         out = [line for line in out[ends[-1] + 1 if ends else 0:] if line]
-        while len(self.taken) <= before and time.monotonic() < deadline:
-            time.sleep(0.01)  # the query's "Time taken" is on stderr, read by the other thread
+        # Both statements' "Time taken" lines are on stderr, read by the other thread (a failed query has none).
+        wait = time.monotonic() + 60
+        while len(self.taken) < before + 2 and time.monotonic() < wait:
+            time.sleep(0.01)
+        if len(self.taken) < before + 2:
+            raise self._failed(f"did not run {text[:200]!r}")
+        self.timed = before + 2
         return self.taken[before], out
 
     def cpu_seconds(self) -> float:

@@ -38,19 +38,13 @@ ROOT = os.path.dirname(HERE)
 BENCHES = {
     "serving": ["bench_serving.py"],
     "spark": ["bench_spark.py"],
-    "jvm_bridge": ["bench_jvm_bridge.py"],
+    "jvm_bridge": ["bench_jvm_bridge.py"],  # after spark: --smoke reuses its echo worker
     "saas": ["bench_saas.py"],
     "finetune": ["bench_finetune.py"],
     "model_table": ["bench_model_table.py"],
     "cache": ["bench_cache.py"],
     "structured": ["bench_structured.py"],
     "lora": ["bench_lora.py"],
-}
-#: Benches left out of ``--smoke`` unless ``--only`` names them, and why. The smoke run keeps each bench to
-#: about 30 s on 2 cores (CI runs it with the whole suite).
-NOT_IN_SMOKE = {
-    "jvm_bridge": "starts a spark-sql JVM of its own: 12-56 s before its first query at load 16-22 (its whole "
-                  "smoke 73-100 s); run it with --only jvm_bridge --smoke, or benchmarks/bench_jvm_bridge.py --smoke",
 }
 
 
@@ -192,8 +186,7 @@ def markdown(results: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default=None, help=f"comma-separated, of {', '.join(BENCHES)} (default: all; "
-                        f"with --smoke all but {', '.join(NOT_IN_SMOKE)})")
+    parser.add_argument("--only", default=",".join(BENCHES), help=f"comma-separated, of {', '.join(BENCHES)}")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes; checks every figure is finite and > 0")
     parser.add_argument("--out", default=None, help="folder for results.json/results.md (default: benchmarks/; "
                         "with --smoke, nothing is written unless given)")
@@ -202,8 +195,6 @@ def main() -> None:
                         help="more arguments for one bench at full size, e.g. 'finetune=--repeat 1' (a reduced "
                         "size; the command recorded in the results shows them)")
     args = parser.parse_args()
-    if args.only is None:
-        args.only = ",".join(n for n in BENCHES if not (args.smoke and n in NOT_IN_SMOKE))
     names = [n for n in args.only.split(",") if n]
     unknown = [n for n in names if n not in BENCHES]
     if unknown:

@@ -85,12 +85,12 @@ def test_every_benchmark_smoke(tmp_path):
                           env=_env(tmp_path), capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())["benches"]
-    assert set(results) == {"serving", "spark", "saas", "finetune", "model_table", "cache", "structured",
-                            "lora"}
+    assert set(results) == {"serving", "spark", "jvm_bridge", "saas", "finetune", "model_table", "cache",
+                            "structured", "lora"}
     for name, entry in results.items():
         assert entry["ok"] and entry["figures"], name
         assert not _common().bad_figures(entry["figures"]), name
     counts = {name: len(entry["figures"]) for name, entry in results.items()}
-    assert counts == {"serving": 7, "spark": 3, "saas": 4, "finetune": 3, "model_table": 5, "cache": 1,
-                      "structured": 4, "lora": 1}, counts
+    assert counts == {"serving": 7, "spark": 3, "jvm_bridge": 2, "saas": 4, "finetune": 3, "model_table": 5,
+                      "cache": 1, "structured": 4, "lora": 1}, counts
     assert "| figure |" in (out / "results.md").read_text()
