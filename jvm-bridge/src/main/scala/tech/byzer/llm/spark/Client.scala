@@ -206,13 +206,11 @@ object ArrowCodec {
     } finally alloc.close()
   }
 
-  /** `withMetadata = false` leaves `metadata` null: the text form of a model function does not return it,
-   *  and a map a row is most of the decoding's cost. */
-  def decode(body: Array[Byte], expected: Int, withMetadata: Boolean = true): Answers = {
-    val response = new Array[UTF8String](expected)
-    val error = new Array[UTF8String](expected)
-    val metadata = new Array[MapData](expected)
-    val alloc = allocator.newChildAllocator("byzerllm-decode", 0, Long.MaxValue)
+  /** Reads an Arrow answer of `expected` rows: `each(root, firstRow, rows)` for each record batch, where
+   *  `firstRow` is the batch's offset in the answer. An answer of more or fewer rows is the endpoint's error. */
+  private def readRows(body: Array[Byte], expected: Int, name: String)(
+      each: (VectorSchemaRoot, Int, Int) => Unit): Unit = {
+    val alloc = allocator.newChildAllocator(name, 0, Long.MaxValue)
     try {
       val reader = new ArrowStreamReader(new ByteArrayInputStream(body), alloc)
       try {
@@ -222,37 +220,48 @@ object ArrowCodec {
           val n = root.getRowCount
           if (row + n > expected) throw new BridgeRequestException(
             s"the endpoint answered more rows than the $expected sent")
-          val r = root.getVector("response").asInstanceOf[VarCharVector]
-          val e = root.getVector("error").asInstanceOf[VarCharVector]
-          val m = root.getVector("metadata").asInstanceOf[MapVector]
-          val entries = m.getDataVector.asInstanceOf[StructVector]
-          val keys = entries.getChildByOrdinal(0).asInstanceOf[VarCharVector]
-          val values = entries.getChildByOrdinal(1).asInstanceOf[VarCharVector]
-          var i = 0
-          while (i < n) {
-            if (!r.isNull(i)) response(row + i) = UTF8String.fromBytes(r.get(i))
-            if (!e.isNull(i)) error(row + i) = UTF8String.fromBytes(e.get(i))
-            if (withMetadata && !m.isNull(i)) {
-              val start = m.getElementStartIndex(i)
-              val end = m.getElementEndIndex(i)
-              val ks = new Array[Any](end - start)
-              val vs = new Array[Any](end - start)
-              var j = start
-              while (j < end) {
-                ks(j - start) = UTF8String.fromBytes(keys.get(j))
-                vs(j - start) = if (values.isNull(j)) null else UTF8String.fromBytes(values.get(j))
-                j += 1
-              }
-              metadata(row + i) = new ArrayBasedMapData(new GenericArrayData(ks), new GenericArrayData(vs))
-            }
-            i += 1
-          }
+          each(root, row, n)
           row += n
         }
         if (row != expected) throw new BridgeRequestException(
           s"the endpoint answered $row rows for the $expected sent")
       } finally reader.close()
     } finally alloc.close()
+  }
+
+  /** `withMetadata = false` leaves `metadata` null: the text form of a model function does not return it,
+   *  and a map a row is most of the decoding's cost. */
+  def decode(body: Array[Byte], expected: Int, withMetadata: Boolean = true): Answers = {
+    val response = new Array[UTF8String](expected)
+    val error = new Array[UTF8String](expected)
+    val metadata = new Array[MapData](expected)
+    readRows(body, expected, "byzerllm-decode") { (root, row, n) =>
+      val r = root.getVector("response").asInstanceOf[VarCharVector]
+      val e = root.getVector("error").asInstanceOf[VarCharVector]
+      val m = root.getVector("metadata").asInstanceOf[MapVector]
+      val entries = m.getDataVector.asInstanceOf[StructVector]
+      val keys = entries.getChildByOrdinal(0).asInstanceOf[VarCharVector]
+      val values = entries.getChildByOrdinal(1).asInstanceOf[VarCharVector]
+      var i = 0
+      while (i < n) {
+        if (!r.isNull(i)) response(row + i) = UTF8String.fromBytes(r.get(i))
+        if (!e.isNull(i)) error(row + i) = UTF8String.fromBytes(e.get(i))
+        if (withMetadata && !m.isNull(i)) {
+          val start = m.getElementStartIndex(i)
+          val end = m.getElementEndIndex(i)
+          val ks = new Array[Any](end - start)
+          val vs = new Array[Any](end - start)
+          var j = start
+          while (j < end) {
+            ks(j - start) = UTF8String.fromBytes(keys.get(j))
+            vs(j - start) = if (values.isNull(j)) null else UTF8String.fromBytes(values.get(j))
+            j += 1
+          }
+          metadata(row + i) = new ArrayBasedMapData(new GenericArrayData(ks), new GenericArrayData(vs))
+        }
+        i += 1
+      }
+    }
     new Answers(response, error, metadata)
   }
 
@@ -261,37 +270,23 @@ object ArrowCodec {
   def decodeEmbeddings(body: Array[Byte], expected: Int): (Array[ArrayData], Array[String]) = {
     val vectors = new Array[ArrayData](expected)
     val errors = new Array[String](expected)
-    val alloc = allocator.newChildAllocator("byzerllm-decode-embed", 0, Long.MaxValue)
-    try {
-      val reader = new ArrowStreamReader(new ByteArrayInputStream(body), alloc)
-      try {
-        val root = reader.getVectorSchemaRoot
-        var row = 0
-        while (reader.loadNextBatch()) {
-          val n = root.getRowCount
-          if (row + n > expected) throw new BridgeRequestException(
-            s"the endpoint answered more rows than the $expected sent")
-          val list = root.getVector("embedding").asInstanceOf[ListVector]
-          val values = list.getDataVector.asInstanceOf[Float4Vector]
-          val e = root.getVector("error").asInstanceOf[VarCharVector]
-          var i = 0
-          while (i < n) {
-            if (!list.isNull(i)) {
-              val start = list.getElementStartIndex(i)
-              val floats = new Array[Float](list.getElementEndIndex(i) - start)
-              var j = 0
-              while (j < floats.length) { floats(j) = values.get(start + j); j += 1 }
-              vectors(row + i) = UnsafeArrayData.fromPrimitiveArray(floats)
-            }
-            if (!e.isNull(i)) errors(row + i) = new String(e.get(i), java.nio.charset.StandardCharsets.UTF_8)
-            i += 1
-          }
-          row += n
+    readRows(body, expected, "byzerllm-decode-embed") { (root, row, n) =>
+      val list = root.getVector("embedding").asInstanceOf[ListVector]
+      val values = list.getDataVector.asInstanceOf[Float4Vector]
+      val e = root.getVector("error").asInstanceOf[VarCharVector]
+      var i = 0
+      while (i < n) {
+        if (!list.isNull(i)) {
+          val start = list.getElementStartIndex(i)
+          val floats = new Array[Float](list.getElementEndIndex(i) - start)
+          var j = 0
+          while (j < floats.length) { floats(j) = values.get(start + j); j += 1 }
+          vectors(row + i) = UnsafeArrayData.fromPrimitiveArray(floats)
         }
-        if (row != expected) throw new BridgeRequestException(
-          s"the endpoint answered $row rows for the $expected sent")
-      } finally reader.close()
-    } finally alloc.close()
+        if (!e.isNull(i)) errors(row + i) = new String(e.get(i), java.nio.charset.StandardCharsets.UTF_8)
+        i += 1
+      }
+    }
     (vectors, errors)
   }
 
