@@ -43,7 +43,7 @@ _local = threading.local()
 _token: dict[str, str | None] = {"value": None}
 
 
-_reachable: dict[tuple[str, str], str] = {}
+_reachable: dict[tuple[str, str, str | None], str] = {}
 
 
 def local_or_fallback(endpoint: str, fallback: str | None, model: str | None = None) -> str:

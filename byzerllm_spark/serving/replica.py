@@ -244,6 +244,8 @@ class ModelWorker:
             return None
         if request.max_length == DEFAULT_MAX_LENGTH > context:  # not set: as much as the context holds
             request.max_length = context
+        if not request.generation and type(request.max_length) is int and request.max_length <= context:
+            return None  # most rows: nothing more to check
         for name, value in (("max_length", request.max_length),
                             ("generation.max_new_tokens", request.generation.get("max_new_tokens")),
                             ("generation.min_new_tokens", request.generation.get("min_new_tokens"))):
