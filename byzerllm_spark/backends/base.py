@@ -170,7 +170,7 @@ class Backend(abc.ABC):
         Raises:
             RequestRefusedError: naming the parameter (``param``), its value and the fix.
         """
-        if self.openai_keys is None:
+        if self.openai_keys is None or not request.generation:  # most rows carry no generation keys
             return
         from ..errors import RequestRefusedError, bad_value
 

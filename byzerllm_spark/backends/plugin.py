@@ -20,7 +20,7 @@ import inspect
 from typing import Any, AsyncIterator
 
 from ..errors import ConfigError
-from .base import Backend, ChatResult, stop_requested
+from .base import Backend, ChatResult, stop_event, stop_requested
 
 
 def _split_result(result: Any) -> tuple[str, dict[str, str]]:
@@ -90,8 +90,9 @@ class PluginBackend(Backend):
         out = []
         stream_chat = self.model.stream_chat
         tokenizer = self.tokenizer
+        stop = stop_event()
         for req in requests:
-            if stop_requested():  # the caller went away: the rest of the batch is not worked on
+            if stop.is_set():  # the caller went away: the rest of the batch is not worked on
                 out.append(ChatResult(error="cancelled: the caller went away"))
                 continue
             try:

@@ -214,10 +214,12 @@ def parse_request(params: Any, defaults: Mapping[str, Any] | None = None) -> Cha
     instruction = values.get("instruction")
     history: tuple = ()
     system_msg = values.get("system_msg")
-    if values.get("messages") is not None:
+    messages = values.get("messages")
+    final_user_turn = True
+    if messages is not None:
         if instruction is not None:
             raise RequestParseError("pass either 'instruction' (with 'history') or 'messages', not both")
-        turns = _turns("messages", values["messages"])
+        turns = _turns("messages", messages)
         if not turns:
             raise RequestParseError('\'messages\' is empty: pass at least one turn, e.g. [{"role": "user", "content": "hi"}]')
         final_user_turn = turns[-1]["role"] == "user"
@@ -239,7 +241,7 @@ def parse_request(params: Any, defaults: Mapping[str, Any] | None = None) -> Cha
         )
     request = ChatRequest(instruction if type(instruction) is str else _text("instruction", instruction), history,
                           generation=generation)
-    if values.get("messages") is not None and not final_user_turn:
+    if not final_user_turn:
         request.final_user_turn = False
     if system_msg is not None:
         request.system_msg = _text("system_msg", system_msg)

@@ -360,17 +360,18 @@ class ModelWorker:
         todo_idx: list[int] = []
         todo: list = []
         defaults = self.generation_defaults
+        context_error, check_request = self._context_error, self.backend.check_request
         for i, item in enumerate(params):  # parsed before a slot is taken
             if item is None:
                 continue
             try:
                 request = parse_request(item, defaults)
                 if request is not None:
-                    too_long = self._context_error(request)
+                    too_long = context_error(request)
                     if too_long:
                         results[i] = ChatResult(error=too_long, metadata={"http_status": "400", "param": "max_tokens"})
                         continue
-                    self.backend.check_request(request)
+                    check_request(request)
                     todo.append(request)
                     todo_idx.append(i)
             except RequestRefusedError as exc:  # the engine does not do what the row asks: a 400 naming it
@@ -397,7 +398,9 @@ class ModelWorker:
                     logger.exception("backend %s failed a batch of %d", self.backend.name, len(todo))
                     answers = [ChatResult(error=f"{type(exc).__name__}: {exc}")] * len(todo)
                 for i, request, answer in zip(todo_idx, todo, answers):
-                    results[i] = answer = check_structured(request, answer)
+                    if request.response_format is not None:
+                        answer = check_structured(request, answer)
+                    results[i] = answer
                     self._count_usage(answer.metadata)
             return results
 
