@@ -22,6 +22,8 @@ from typing import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # Spark's Python workers: this interpreter
+# transformers' "Loading weights" and "Writing model shards" bars (in-process baselines, made models) are no figure.
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 RESULTS_ENV = "BENCH_RESULTS"
 #: The figures this process recorded, in order (dicts: title, figure, unit, baseline, ratio, target).

@@ -63,13 +63,17 @@ def prompts(n: int) -> list[str]:
     return [QUESTIONS[i % len(QUESTIONS)].format(SUBJECTS[(i // len(QUESTIONS)) % len(SUBJECTS)]) for i in range(n)]
 
 
-def offline(texts: list[str], max_length: int, top_p: float, engine_args: dict) -> dict:
-    """vLLM's offline answers of ``texts`` in the vLLM environment: ``{"seconds", "answers", ...}``."""
+def offline(texts: list[str], max_length: int, top_p: float, engine_args: dict, *, model: str | None = None,
+            row_adapters: list[str | None] | None = None, min_tokens: int = 0) -> dict:
+    """vLLM's offline answers of ``texts`` in the vLLM environment: ``{"seconds", "answers", ...}``. ``model``:
+    a model directory (default: the embedded SmolLM2's dequantised copy); ``row_adapters``: a LoRA adapter
+    directory or None per text (``engine_args`` must turn LoRA on); ``min_tokens``: vLLM's floor per answer."""
     from byzerllm_spark.backends._model_files import default_model_dir, dequantised_dir, find_gguf
     from byzerllm_spark.backends.vllm_backend import vllm_python
 
-    spec = {"model": dequantised_dir(find_gguf(default_model_dir())), "engine_args": engine_args,
-            "prompts": texts, "sampling": {"temperature": 0.0, "top_p": top_p, "max_tokens": max_length}}
+    sampling = {"temperature": 0.0, "top_p": top_p, "max_tokens": max_length, "min_tokens": min_tokens}
+    spec = {"model": model or dequantised_dir(find_gguf(default_model_dir())), "engine_args": engine_args,
+            "prompts": texts, "sampling": sampling, "row_adapters": row_adapters}
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     proc = subprocess.run([vllm_python(), os.path.join(ROOT, "benchmarks", "_vllm_offline.py")],
                           input=json.dumps(spec), capture_output=True, text=True, env=env, timeout=1800)
