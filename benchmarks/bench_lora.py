@@ -13,7 +13,7 @@ merged model (target: ratio >= 0.8).
 Usage::
 
     .venv/bin/python benchmarks/bench_lora.py                 # 32 rows, max_length 32, 3 repeats
-    .venv/bin/python benchmarks/bench_lora.py --backend vllm  # the same on vLLM's LoRA support (two vLLM servers)
+    .venv/bin/python benchmarks/bench_lora.py --backend vllm  # the same on vLLM (its offline runs first, then 3 servers)
     .venv/bin/python benchmarks/bench_lora.py --smoke         # 4 rows, max_length 4, 1 repeat; baseline: the
                                                               # base model (bench_serving's worker, no merge)
 """
@@ -88,7 +88,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-length", type=int, default=32)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--backend", choices=["transformers", "vllm"], default="transformers",
-                        help="the engine of both deployments (vllm: not in --smoke; it starts two vLLM servers)")
+                        help="the engine of the deployments (vllm: not in --smoke; vLLM offline first, then 3 vLLM servers)")
     add_smoke_flag(parser)
     args = parser.parse_args(argv)
     if args.smoke and args.backend != "transformers":
